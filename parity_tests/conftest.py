@@ -1,0 +1,25 @@
+"""Hypothesis profiles and shared pytest settings for the parity suite.
+
+Profiles (pick with ``SEQTWIN_HYPOTHESIS_PROFILE``; ``CI`` set selects ``ci``):
+
+- ``ci``: derandomized, no example database, few examples: the whole suite
+  stays well under 10 minutes on 2 cores.
+- ``dev`` (default): more examples, random seeds, local example database.
+- ``thorough``: >= 500 examples per test, for a long local run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=12, derandomize=True, database=None,
+                          print_blob=True, **_common)
+settings.register_profile("dev", max_examples=40, **_common)
+settings.register_profile("thorough", max_examples=500, **_common)
+
+_default = "ci" if os.environ.get("CI") else "dev"
+settings.load_profile(os.environ.get("SEQTWIN_HYPOTHESIS_PROFILE", _default))

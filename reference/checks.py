@@ -1,0 +1,104 @@
+"""Validation at the public boundary (STYLE.md rule 5).
+
+Every public function of ``reference`` checks its arguments once, here, and
+raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape, range or value) with a message that names the argument, what it got and
+what was expected. Internals trust their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def shape_str(shape: Sequence[object]) -> str:
+    """``(2, 3)`` style text for a shape that may hold symbolic names."""
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_float_array(name: str, x: object, shape: Sequence[object] | None = None,
+                      dtype: np.dtype | None = None, finite: bool = True) -> np.ndarray:
+    """Check that ``x`` is a float32/float64 ndarray of the expected shape.
+
+    ``shape`` entries are ints (must match) or strings (any size, named in the
+    message). ``dtype``, when given, must match exactly (all floating inputs of
+    one call share a dtype). ``finite`` rejects NaN and inf.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)} (the dtype of the other "
+                        f"inputs), got {x.dtype}")
+    if shape is not None:
+        check_shape(name, x.shape, shape)
+    if finite and not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"{name}: contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
+    return x
+
+
+def check_shape(name: str, got: Sequence[int], expected: Sequence[object]) -> None:
+    """Raise ValueError unless ``got`` matches ``expected`` (ints fixed, strings free)."""
+    ok = len(got) == len(expected) and all(
+        isinstance(e, str) or int(g) == int(e) for g, e in zip(got, expected))
+    if not ok:
+        raise ValueError(f"{name}: expected shape {shape_str(expected)}, "
+                         f"got {shape_str(tuple(got))}")
+
+
+def check_int_array(name: str, x: object, shape: Sequence[object] | None = None,
+                    low: int | None = None, high: int | None = None) -> np.ndarray:
+    """Check an integer array (token ids, lengths) and its range ``low <= x < high``."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of integers, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
+    if shape is not None:
+        check_shape(name, x.shape, shape)
+    if x.size and low is not None and x.min() < low:
+        raise ValueError(f"{name}: values must be >= {low}, got {int(x.min())}")
+    if x.size and high is not None and x.max() >= high:
+        raise ValueError(f"{name}: values must be < {high}, got {int(x.max())}")
+    return x
+
+
+def check_lengths(lengths: object, batch: int, steps: int) -> np.ndarray | None:
+    """Check a ``(B,)`` vector of sequence lengths, each in ``1..T``; ``None`` passes."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        lengths = np.asarray(lengths)
+    if not isinstance(lengths, np.ndarray) or not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"lengths: expected an integer numpy.ndarray of shape ({batch},), "
+                        f"got {getattr(lengths, 'dtype', type(lengths).__name__)}")
+    check_shape("lengths", lengths.shape, (batch,))
+    if lengths.size and (lengths.min() < 1 or lengths.max() > steps):
+        raise ValueError(f"lengths: every length must be in 1..{steps} (the sequence length T), "
+                         f"got min {int(lengths.min())}, max {int(lengths.max())}")
+    return lengths.astype(np.int64)
+
+
+def check_probability(name: str, p: float, allow_one: bool = False) -> float:
+    """Check a dropout-style probability in ``[0, 1)`` (or ``[0, 1]``)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(p).__name__}")
+    upper_ok = p <= 1 if allow_one else p < 1
+    if not (p >= 0 and upper_ok):
+        raise ValueError(f"{name}: expected a probability in [0, 1{']' if allow_one else ')'}, "
+                         f"got {p}")
+    return float(p)
+
+
+def check_positive_int(name: str, n: object) -> int:
+    """Check a size argument (hidden_size, num_layers, ...)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name}: expected a positive int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name}: expected a positive int, got {n}")
+    return int(n)
