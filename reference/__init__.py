@@ -1,0 +1,27 @@
+"""seqtwin's NumPy reference: the oracle. Readable first, float64 by default,
+every forward with a hand-written backward. Never imports torch.
+
+Switch backends by changing one import::
+
+    import reference as sq      # NumPy oracle
+    import torch_impl as sq     # PyTorch
+"""
+
+from .activations import (log_softmax, log_softmax_backward, log_softmax_forward, relu_backward,
+                          relu_forward, sigmoid, sigmoid_backward, sigmoid_forward, softmax,
+                          softmax_backward, softmax_forward, tanh_backward, tanh_forward)
+from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
+from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
+from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
+
+__all__ = [
+    # activations
+    "sigmoid", "softmax", "log_softmax",
+    "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
+    "relu_forward", "relu_backward", "softmax_forward", "softmax_backward",
+    "log_softmax_forward", "log_softmax_backward",
+    # recurrent layers
+    "rnn_cell_forward", "rnn_cell_backward", "rnn_forward", "rnn_backward", "RNN",
+    "lstm_cell_forward", "lstm_cell_backward", "lstm_forward", "lstm_backward", "LSTM",
+    "gru_cell_forward", "gru_cell_backward", "gru_forward", "gru_backward", "GRU",
+]
