@@ -10,7 +10,12 @@ Switch backends by changing one import::
 from .activations import (log_softmax, log_softmax_backward, log_softmax_forward, relu_backward,
                           relu_forward, sigmoid, sigmoid_backward, sigmoid_forward, softmax,
                           softmax_backward, softmax_forward, tanh_backward, tanh_forward)
+from .dropout import dropout_backward, dropout_forward, dropout_mask
+from .embedding import embedding_backward, embedding_forward
+from .gradcheck import gradcheck, numerical_gradients
 from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
+from .linear import linear_backward, linear_forward
+from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
 from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
 
@@ -20,6 +25,11 @@ __all__ = [
     "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
     "relu_forward", "relu_backward", "softmax_forward", "softmax_backward",
     "log_softmax_forward", "log_softmax_backward",
+    # building blocks
+    "linear_forward", "linear_backward", "embedding_forward", "embedding_backward",
+    "cross_entropy_forward", "cross_entropy_backward",
+    "dropout_mask", "dropout_forward", "dropout_backward",
+    "numerical_gradients", "gradcheck",
     # recurrent layers
     "rnn_cell_forward", "rnn_cell_backward", "rnn_forward", "rnn_backward", "RNN",
     "lstm_cell_forward", "lstm_cell_backward", "lstm_forward", "lstm_backward", "LSTM",

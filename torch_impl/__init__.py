@@ -1,0 +1,43 @@
+"""seqtwin's PyTorch backend: the same models, names and signatures as
+``reference``, with hand-written fused backward passes behind autograd.
+Never imports ``reference``.
+
+The functional ``*_forward`` / ``*_backward`` pairs are the explicit-cache twins
+of the reference ones (no autograd inside); the modules ``RNN``, ``LSTM``,
+``GRU`` are ``torch.nn.Module``s whose autograd runs through custom
+``torch.autograd.Function``s with those hand-written backwards.
+
+Switch backends by changing one import::
+
+    import reference as sq      # NumPy oracle
+    import torch_impl as sq     # PyTorch
+"""
+
+from .activations import (log_softmax, log_softmax_backward, log_softmax_forward, relu_backward,
+                          relu_forward, sigmoid, sigmoid_backward, sigmoid_forward, softmax,
+                          softmax_backward, softmax_forward, tanh_backward, tanh_forward)
+from .dropout import dropout_backward, dropout_forward, dropout_mask
+from .embedding import embedding_backward, embedding_forward
+from .gradcheck import gradcheck, numerical_gradients
+from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
+from .linear import linear_backward, linear_forward
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
+from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
+
+__all__ = [
+    # activations
+    "sigmoid", "softmax", "log_softmax",
+    "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
+    "relu_forward", "relu_backward", "softmax_forward", "softmax_backward",
+    "log_softmax_forward", "log_softmax_backward",
+    # building blocks
+    "linear_forward", "linear_backward", "embedding_forward", "embedding_backward",
+    "cross_entropy_forward", "cross_entropy_backward",
+    "dropout_mask", "dropout_forward", "dropout_backward",
+    "numerical_gradients", "gradcheck",
+    # recurrent layers
+    "rnn_cell_forward", "rnn_cell_backward", "rnn_forward", "rnn_backward", "RNN",
+    "lstm_cell_forward", "lstm_cell_backward", "lstm_forward", "lstm_backward", "LSTM",
+    "gru_cell_forward", "gru_cell_backward", "gru_forward", "gru_backward", "GRU",
+]

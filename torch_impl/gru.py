@@ -1,0 +1,180 @@
+"""GRU (torch.nn.GRU): the cell step, the sequence layer, its autograd Function, the Module.
+
+Gate order r, z, n (rows of W_ih, W_hh, b_ih, b_hh):
+
+    r_t = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+    z_t = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+    n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t-1} + b_hn))
+    h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+Backward of one step, with hn = W_hn h_{t-1} + b_hn:
+    dn = dh_t ⊙ (1 - z_t),  dz = dh_t ⊙ (h_{t-1} - n_t)
+    da_n = dn ⊙ (1 - n_t²)                     (pre-activation of n)
+    dr = da_n ⊙ hn,  dhn = da_n ⊙ r_t
+    dgates_x = [dr ⊙ r(1-r), dz ⊙ z(1-z), da_n]   = ∂L/∂(W_ih x_t + b_ih)
+    dgates_h = [dr ⊙ r(1-r), dz ⊙ z(1-z), dhn]    = ∂L/∂(W_hh h_{t-1} + b_hh)
+    dh_{t-1} = dh_t ⊙ z_t + dgates_h W_hh
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .recurrent import (
+    Cell,
+    CellCache,
+    RecurrentCache,
+    RecurrentModule,
+    cell_backward,
+    cell_forward,
+    check_cell_args,
+    check_recurrent_args,
+    check_sequence_upstream,
+    check_upstream,
+    recurrent_backward,
+    recurrent_forward,
+)
+
+
+class GRUStepCache(NamedTuple):
+    h_prev: Tensor  # (B, H) h_{t-1}
+    r: Tensor       # (B, H) σ
+    z: Tensor       # (B, H) σ
+    n: Tensor       # (B, H) tanh
+    hn: Tensor      # (B, H) W_hn h_{t-1} + b_hn
+
+
+def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None
+              ) -> tuple[tuple[Tensor], GRUStepCache]:
+    """h_t from xw_t = W_ih x_t + b_ih (B, 3H) and h_{t-1}."""
+    (h_prev,) = state
+    hw = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
+    xr, xz, xn = xw.chunk(3, dim=1)
+    hr, hz, hn = hw.chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    h = n + z * (h_prev - n)  # = (1 - z) ⊙ n + z ⊙ h_{t-1}
+    return (h,), GRUStepCache(h_prev, r, z, n, hn)
+
+
+def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh: Tensor
+                       ) -> tuple[Tensor, Tensor, tuple[Tensor]]:
+    (dh,) = dstate
+    h_prev, r, z, n, hn = cache
+    dn = dh * (1.0 - z)
+    dz = dh * (h_prev - n)
+    da_n = dn * (1.0 - n * n)
+    da_r = da_n * hn * r * (1.0 - r)
+    da_z = dz * z * (1.0 - z)
+    dgates_x = torch.cat([da_r, da_z, da_n], dim=1)
+    dgates_h = torch.cat([da_r, da_z, da_n * r], dim=1)
+    return dgates_x, dgates_h, (dh * z + dgates_h @ w_hh,)
+
+
+GRU_CELL = Cell(num_gates=3, num_states=1, step=_gru_step, step_backward=_gru_step_backward,
+                separate_dgates_h=True)
+
+
+# ----------------------------------------------------------------------------- cell
+
+def gru_cell_forward(x: Tensor, h: Tensor, params: Mapping[str, Tensor]
+                     ) -> tuple[Tensor, CellCache]:
+    """One step of torch.nn.GRUCell (equations in the module docstring).
+
+    x (B, I), h (B, H); params weight_ih (3H, I), weight_hh (3H, H), optional bias_ih,
+    bias_hh (3H,). Returns h_new (B, H) and the cache for gru_cell_backward.
+    """
+    bias = check_cell_args(x, {"h": h}, params, GRU_CELL.num_gates)
+    (h_new,), cache = cell_forward(GRU_CELL, x, (h,), params, bias)
+    return h_new, cache
+
+
+def gru_cell_backward(dh_new: Tensor | None, cache: CellCache
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(dx (B, I), dh (B, H), dparams) from dh_new (B, H); None means zeros."""
+    check_upstream("dh_new", dh_new, tuple(cache.h_prev.shape), cache.x.dtype)
+    dx, (dh,), dparams = cell_backward((dh_new,), cache)
+    return dx, dh, dparams
+
+
+# ----------------------------------------------------------------------------- sequence
+
+@torch.no_grad()
+def gru_forward(x: Tensor, params: Mapping[str, Tensor], h0: Tensor | None = None,
+                lengths: Tensor | None = None, dropout: float = 0.0,
+                dropout_masks: Sequence[Tensor] | None = None
+                ) -> tuple[tuple[Tensor, Tensor], RecurrentCache]:
+    """Multi-layer (bidirectional) GRU over x (B, T, I), as torch.nn.GRU(batch_first=True).
+
+    params: torch.nn names weight_ih_l{k}[_reverse] (3H, I_k), weight_hh_l{k} (3H, H),
+    bias_ih_l{k}, bias_hh_l{k} (3H,); L, D, I, H and bias are read off it.
+    h0 (L*D, B, H) or None (zeros); lengths (B,) in 1..T or None; dropout_masks: L-1
+    bool keep-masks (B, T, D*H), required when dropout > 0 and L > 1.
+    Returns ((out (B, T, D*H), h_n (L*D, B, H)), cache).
+    """
+    args = check_recurrent_args(x, params, GRU_CELL.num_gates, {"h0": h0}, lengths, dropout,
+                                dropout_masks)
+    (out, (h_n,)), cache = recurrent_forward(GRU_CELL, x, params, args)
+    return (out, h_n), cache
+
+
+@torch.no_grad()
+def gru_backward(dout: Tensor | None, cache: RecurrentCache, dh_n: Tensor | None = None
+                 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """(dx (B, T, I), dparams keyed like params, dh0 (L*D, B, H)); None upstream = zeros."""
+    check_sequence_upstream(cache, dout, {"dh_n": dh_n})
+    dx, dparams, (dh0,) = recurrent_backward(cache, dout, (dh_n,))
+    return dx, dparams, dh0
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class GRUFunction(torch.autograd.Function):
+    """(out, h_n) = GRU(x, h0; params) with the hand-written gru backward.
+
+    apply(x, h0, lengths, dropout, dropout_masks, keys, *weights), where weights[j] is
+    params[keys[j]]; h0 may be None; lengths and masks get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, lengths, dropout, dropout_masks, keys, *weights):
+        (out, h_n), cache = gru_forward(x, dict(zip(keys, weights)), h0, lengths, dropout,
+                                        dropout_masks)
+        ctx.save_for_backward(x, h0, *weights)  # version-counter checks on the inputs
+        ctx.cache = cache
+        ctx.keys = keys
+        ctx.set_materialize_grads(False)
+        return out, h_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_n):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
+        need = ctx.needs_input_grad
+        dx, dparams, (dh0,) = recurrent_backward(ctx.cache, dout, (dh_n,), need_dx=need[0])
+        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[6:])]
+        return (dx if need[0] else None, dh0 if need[1] else None,
+                None, None, None, None, *dweights)
+
+
+class GRU(RecurrentModule):
+    """torch.nn.GRU(batch_first=True) with the hand-written backward of gru.py.
+
+    GRU(input_size, hidden_size, num_layers=1, bias=True, dropout=0.0,
+    bidirectional=False, *, device=None, dtype=None)
+    """
+    num_gates = 3
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, lengths: Tensor | None = None,
+                dropout_masks: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, I) -> (out (B, T, D*H), h_n (L*D, B, H))."""
+        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
+        keys = self.param_keys()
+        return GRUFunction.apply(x, h0, lengths, dropout, dropout_masks, tuple(keys),
+                                 *(getattr(self, key) for key in keys))

@@ -1,0 +1,183 @@
+"""LSTM (torch.nn.LSTM): the cell step, the sequence layer, its autograd Function, the Module.
+
+Gate order i, f, g, o (rows of W_ih, W_hh, b_ih, b_hh):
+
+    i_t = σ(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)
+    f_t = σ(W_if x_t + b_if + W_hf h_{t-1} + b_hf)
+    g_t = tanh(W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)
+    o_t = σ(W_io x_t + b_io + W_ho h_{t-1} + b_ho)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t
+    h_t = o_t ⊙ tanh(c_t)
+
+Backward of one step, from dh_t and dc_t (the gradient reaching c_t from step t+1):
+    do = dh_t ⊙ tanh(c_t)
+    dc = dc_t + dh_t ⊙ o_t ⊙ (1 - tanh²(c_t))
+    di = dc ⊙ g_t,  df = dc ⊙ c_{t-1},  dg = dc ⊙ i_t,  dc_{t-1} = dc ⊙ f_t
+    dgates = [di ⊙ i(1-i), df ⊙ f(1-f), dg ⊙ (1-g²), do ⊙ o(1-o)]   (pre-activations)
+    dh_{t-1} = dgates W_hh;   dgates is both dgates_x and dgates_h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .recurrent import (
+    Cell,
+    CellCache,
+    RecurrentCache,
+    RecurrentModule,
+    cell_backward,
+    cell_forward,
+    check_cell_args,
+    check_recurrent_args,
+    check_sequence_upstream,
+    check_upstream,
+    recurrent_backward,
+    recurrent_forward,
+)
+
+
+class LSTMStepCache(NamedTuple):
+    c_prev: Tensor  # (B, H) c_{t-1}
+    i: Tensor       # (B, H) σ
+    f: Tensor       # (B, H) σ
+    g: Tensor       # (B, H) tanh
+    o: Tensor       # (B, H) σ
+    tanh_c: Tensor  # (B, H) tanh(c_t)
+
+
+def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh: Tensor | None
+               ) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
+    """(h_t, c_t) from xw_t = W_ih x_t + b_ih (B, 4H) and (h_{t-1}, c_{t-1})."""
+    h_prev, c_prev = state
+    gates = xw + (h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t()))
+    i, f, g, o = gates.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c = f * c_prev + i * g
+    tanh_c = torch.tanh(c)
+    h = o * tanh_c
+    return (h, c), LSTMStepCache(c_prev, i, f, g, o, tanh_c)
+
+
+def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh: Tensor
+                        ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    dh, dc_next = dstate
+    c_prev, i, f, g, o, tanh_c = cache
+    do = dh * tanh_c                                  # h_t = o ⊙ tanh(c_t)
+    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+    di, df, dg = dc * g, dc * c_prev, dc * i          # c_t = f ⊙ c_{t-1} + i ⊙ g
+    dgates = torch.cat([di * i * (1.0 - i), df * f * (1.0 - f), dg * (1.0 - g * g),
+                        do * o * (1.0 - o)], dim=1)
+    return dgates, dgates, (dgates @ w_hh, dc * f)
+
+
+LSTM_CELL = Cell(num_gates=4, num_states=2, step=_lstm_step, step_backward=_lstm_step_backward,
+                 separate_dgates_h=False)
+
+
+# ----------------------------------------------------------------------------- cell
+
+def lstm_cell_forward(x: Tensor, h: Tensor, c: Tensor, params: Mapping[str, Tensor]
+                      ) -> tuple[tuple[Tensor, Tensor], CellCache]:
+    """One step of torch.nn.LSTMCell (equations in the module docstring).
+
+    x (B, I), h, c (B, H); params weight_ih (4H, I), weight_hh (4H, H), optional bias_ih,
+    bias_hh (4H,). Returns ((h_new, c_new), cache).
+    """
+    bias = check_cell_args(x, {"h": h, "c": c}, params, LSTM_CELL.num_gates)
+    (h_new, c_new), cache = cell_forward(LSTM_CELL, x, (h, c), params, bias)
+    return (h_new, c_new), cache
+
+
+def lstm_cell_backward(dh_new: Tensor | None, dc_new: Tensor | None, cache: CellCache
+                       ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(dx (B, I), dh (B, H), dc (B, H), dparams) from dh_new, dc_new (B, H); None = zeros."""
+    for name, grad in (("dh_new", dh_new), ("dc_new", dc_new)):
+        check_upstream(name, grad, tuple(cache.h_prev.shape), cache.x.dtype)
+    dx, (dh, dc), dparams = cell_backward((dh_new, dc_new), cache)
+    return dx, dh, dc, dparams
+
+
+# ----------------------------------------------------------------------------- sequence
+
+@torch.no_grad()
+def lstm_forward(x: Tensor, params: Mapping[str, Tensor], h0: Tensor | None = None,
+                 c0: Tensor | None = None, lengths: Tensor | None = None, dropout: float = 0.0,
+                 dropout_masks: Sequence[Tensor] | None = None
+                 ) -> tuple[tuple[Tensor, tuple[Tensor, Tensor]], RecurrentCache]:
+    """Multi-layer (bidirectional) LSTM over x (B, T, I), as torch.nn.LSTM(batch_first=True).
+
+    params: torch.nn names weight_ih_l{k}[_reverse] (4H, I_k), weight_hh_l{k} (4H, H),
+    bias_ih_l{k}, bias_hh_l{k} (4H,); L, D, I, H and bias are read off it.
+    h0, c0 (L*D, B, H) or None (zeros); lengths (B,) in 1..T or None; dropout_masks: L-1
+    bool keep-masks (B, T, D*H), required when dropout > 0 and L > 1.
+    Returns ((out (B, T, D*H), (h_n, c_n) (L*D, B, H)), cache).
+    """
+    args = check_recurrent_args(x, params, LSTM_CELL.num_gates, {"h0": h0, "c0": c0}, lengths,
+                                dropout, dropout_masks)
+    (out, (h_n, c_n)), cache = recurrent_forward(LSTM_CELL, x, params, args)
+    return (out, (h_n, c_n)), cache
+
+
+@torch.no_grad()
+def lstm_backward(dout: Tensor | None, cache: RecurrentCache, dh_n: Tensor | None = None,
+                  dc_n: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """(dx (B, T, I), dparams keyed like params, dh0, dc0 (L*D, B, H)); None upstream = zeros."""
+    check_sequence_upstream(cache, dout, {"dh_n": dh_n, "dc_n": dc_n})
+    dx, dparams, (dh0, dc0) = recurrent_backward(cache, dout, (dh_n, dc_n))
+    return dx, dparams, dh0, dc0
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class LSTMFunction(torch.autograd.Function):
+    """(out, h_n, c_n) = LSTM(x, h0, c0; params) with the hand-written lstm backward.
+
+    apply(x, h0, c0, lengths, dropout, dropout_masks, keys, *weights), where weights[j]
+    is params[keys[j]]; h0, c0 may be None; lengths and masks get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, dropout, dropout_masks, keys, *weights):
+        (out, (h_n, c_n)), cache = lstm_forward(x, dict(zip(keys, weights)), h0, c0, lengths,
+                                                dropout, dropout_masks)
+        ctx.save_for_backward(x, h0, c0, *weights)  # version-counter checks on the inputs
+        ctx.cache = cache
+        ctx.keys = keys
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_n, dc_n):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
+        need = ctx.needs_input_grad
+        dx, dparams, (dh0, dc0) = recurrent_backward(ctx.cache, dout, (dh_n, dc_n),
+                                                     need_dx=need[0])
+        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[7:])]
+        return (dx if need[0] else None, dh0 if need[1] else None, dc0 if need[2] else None,
+                None, None, None, None, *dweights)
+
+
+class LSTM(RecurrentModule):
+    """torch.nn.LSTM(batch_first=True) with the hand-written backward of lstm.py.
+
+    LSTM(input_size, hidden_size, num_layers=1, bias=True, dropout=0.0,
+    bidirectional=False, *, device=None, dtype=None)
+    """
+    num_gates = 4
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None,
+                lengths: Tensor | None = None, dropout_masks: Sequence[Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, T, I) -> (out (B, T, D*H), (h_n, c_n) (L*D, B, H))."""
+        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
+        keys = self.param_keys()
+        out, h_n, c_n = LSTMFunction.apply(x, h0, c0, lengths, dropout, dropout_masks,
+                                           tuple(keys), *(getattr(self, key) for key in keys))
+        return out, (h_n, c_n)

@@ -1,0 +1,479 @@
+"""Multi-layer, bidirectional, variable-length recurrence over one cell step.
+
+A cell (RNN, LSTM or GRU; see rnn.py, lstm.py, gru.py) is a step that maps the
+input projection of one time step and the previous state s = (h,) or (h, c) to
+the next state. This file runs that step over time, directions and layers the
+way torch.nn does, and runs its backward:
+
+    xw_t  = W_ih x_t + b_ih                 for all t in one matmul, before the loop
+    s_t   = step(xw_t, s_{t-1}; W_hh, b_hh)
+    out_t = h_t                             forward direction: t = 0 .. T-1, out[..., :H]
+                                            reverse direction: t = T-1 .. 0, out[..., H:]
+    x^{k+1} = out^k ⊙ mask_k / (1 - p)      input of layer k+1 (inter-layer dropout)
+
+Padding (t >= lengths[b]): row b skips the step, s_t = s_{t-1} and out_t = 0, so
+h_n is the state at each sequence's own last step and the reverse direction
+starts at t = lengths[b] - 1 from h0.
+
+The backward runs the loops in reverse. Per step the cell's backward gives
+dgates_x = ∂L/∂(W_ih x_t + b_ih) and dgates_h = ∂L/∂(W_hh h_{t-1} + b_hh); they
+are stacked over time so that each weight gradient is one matmul after the loop:
+
+    dW_ih = Σ_t dgates_x_tᵀ x_t      dW_hh = Σ_t dgates_h_tᵀ h_{t-1}
+    db_ih = Σ_t dgates_x_t           db_hh = Σ_t dgates_h_t
+    dx_t  = dgates_x_t W_ih
+
+Also here: the parameter layout (torch.nn names, inferred and validated from a
+params dict), the validation shared by the three layers, and the nn.Module base.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import (
+    check_float_tensor,
+    check_lengths,
+    check_positive_int,
+    check_probability,
+    check_shape,
+    shape_str,
+)
+
+SUFFIXES = ("", "_reverse")  # direction d = 0 (forward), 1 (reverse)
+_KEY = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?")
+
+
+class Cell(NamedTuple):
+    """One recurrent cell step, written once per cell type and driven by this file."""
+    num_gates: int           # G: W_ih is (G*H, I)
+    num_states: int          # 1 for (h,), 2 for (h, c)
+    step: Callable           # (xw, state, w_hh, b_hh) -> (state_new, step_cache)
+    step_backward: Callable  # (dstate_new, step_cache, w_hh) -> (dgates_x, dgates_h, dstate)
+    separate_dgates_h: bool  # GRU's r ⊙ (W_hn h + b_hn) makes dgates_h differ from dgates_x
+
+
+# ----------------------------------------------------------------------------- layout
+
+class Layout(NamedTuple):
+    num_layers: int      # L
+    num_directions: int  # D
+    input_size: int      # I = I_0
+    hidden_size: int     # H
+    bias: bool
+
+
+def param_keys(num_layers: int, num_directions: int, bias: bool) -> list[str]:
+    """torch.nn's parameter names in its flat order: layer, direction, w_ih, w_hh, b_ih, b_hh."""
+    names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+    return [f"{name}_l{k}{suffix}" for k in range(num_layers)
+            for suffix in SUFFIXES[:num_directions] for name in names]
+
+
+def param_shapes(layout: Layout, num_gates: int) -> dict[str, tuple[int, ...]]:
+    """{key: shape}: W_ih (G*H, I_k), W_hh (G*H, H), biases (G*H,); I_k = D*H for k > 0."""
+    L, D, I, H, _ = layout
+    shapes = {}
+    for key in param_keys(L, D, layout.bias):
+        kind, which, k, _ = _KEY.fullmatch(key).groups()
+        if kind == "bias":
+            shapes[key] = (num_gates * H,)
+        else:
+            shapes[key] = (num_gates * H, (I if k == "0" else D * H) if which == "ih" else H)
+    return shapes
+
+
+def infer_layout(params: Mapping[str, Tensor], num_gates: int, dtype: torch.dtype) -> Layout:
+    """Read L, D, I, H and bias off a params dict keyed by torch.nn names, and validate it.
+
+    H comes from weight_hh_l0 (G*H, H), I from weight_ih_l0 (G*H, I); every expected
+    tensor must then be present with its exact shape and ``dtype``.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of tensors keyed by torch.nn names, "
+                        f"got {type(params).__name__}")
+    parsed = []
+    for key in params:
+        match = _KEY.fullmatch(key) if isinstance(key, str) else None
+        if match is None:
+            raise ValueError(f"params: unexpected key {key!r} (expected torch.nn names such as "
+                             f"'weight_ih_l0', 'bias_hh_l1_reverse')")
+        parsed.append(match.groups())
+    for key in ("weight_ih_l0", "weight_hh_l0"):
+        if key not in params:
+            raise ValueError(f"params: missing key {key!r}")
+    w_ih = check_float_tensor("params['weight_ih_l0']", params["weight_ih_l0"],
+                              (f"{num_gates}*H", "I"), dtype=dtype, finite=False)
+    w_hh = check_float_tensor("params['weight_hh_l0']", params["weight_hh_l0"],
+                              (f"{num_gates}*H", "H"), dtype=dtype, finite=False)
+    layout = Layout(num_layers=1 + max(int(k) for _, _, k, _ in parsed),
+                    num_directions=2 if any(rev for _, _, _, rev in parsed) else 1,
+                    input_size=w_ih.shape[1], hidden_size=w_hh.shape[1],
+                    bias=any(kind == "bias" for kind, _, _, _ in parsed))
+    for key, shape in param_shapes(layout, num_gates).items():
+        if key not in params:
+            raise ValueError(f"params: missing key {key!r} (expected shape {shape_str(shape)})")
+        check_float_tensor(f"params[{key!r}]", params[key], shape, dtype=dtype)
+    return layout
+
+
+# ----------------------------------------------------------------------------- validation
+
+class RecurrentArgs(NamedTuple):
+    """Validated inputs of a sequence forward."""
+    layout: Layout
+    states0: tuple[Tensor, ...]        # h0 (, c0), each (L*D, B, H), zeros where None was given
+    valid: Tensor | None               # (T, B, 1) bool, t < lengths[b]; None: no padding
+    dropout: float
+    dropout_masks: list[Tensor] | None  # L-1 bool keep-masks (B, T, D*H)
+
+
+def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int,
+                         states0: Mapping[str, Tensor | None], lengths: Tensor | None,
+                         dropout: float, dropout_masks: Sequence[Tensor] | None) -> RecurrentArgs:
+    """Validate the arguments of rnn/lstm/gru_forward; ``states0`` maps "h0" (, "c0") to tensors."""
+    check_float_tensor("x", x, ("B", "T", "I"))
+    layout = infer_layout(params, num_gates, x.dtype)
+    B, T, _ = x.shape
+    L, D, I, H, _ = layout
+    check_shape("x", x.shape, ("B", "T", I))
+    if B == 0 or T == 0:
+        raise ValueError(f"x: expected a non-empty batch of sequences (B, T, I) with B, T >= 1, "
+                         f"got shape {shape_str(tuple(x.shape))}")
+    states = []
+    for name, s0 in states0.items():
+        if s0 is None:
+            states.append(x.new_zeros(L * D, B, H))
+        else:
+            states.append(check_float_tensor(name, s0, (L * D, B, H), dtype=x.dtype))
+    lengths = check_lengths(lengths, B, T)
+    valid = None
+    if lengths is not None and int(lengths.min()) < T:  # all full length: nothing to mask
+        steps = torch.arange(T, device=x.device)
+        valid = (steps[:, None] < lengths.to(x.device)[None, :]).unsqueeze(-1)
+    dropout = check_probability("dropout", dropout, allow_one=True)
+    masks = _check_dropout_masks(dropout_masks, dropout, L, (B, T, D * H), x.device)
+    return RecurrentArgs(layout, tuple(states), valid, dropout, masks)
+
+
+def _check_dropout_masks(masks: Sequence[Tensor] | None, dropout: float, num_layers: int,
+                         shape: tuple[int, int, int], device: torch.device) -> list[Tensor] | None:
+    expected = f"a list of {num_layers - 1} bool keep-masks of shape {shape_str(shape)}"
+    if dropout == 0 or num_layers == 1:
+        if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == 0):
+            raise ValueError("dropout_masks: given, but no dropout applies here (dropout is 0 or "
+                             "there is a single layer); pass dropout=p > 0 with the masks")
+        return None
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when dropout > 0 and num_layers > 1 "
+                         f"(randomness is explicit): expected {expected}")
+    if not isinstance(masks, (list, tuple)):
+        raise TypeError(f"dropout_masks: expected {expected}, got {type(masks).__name__}")
+    if len(masks) != num_layers - 1:
+        raise ValueError(f"dropout_masks: expected {expected}, got {len(masks)} masks")
+    for j, mask in enumerate(masks):
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"dropout_masks[{j}]: expected a bool tensor, "
+                            f"got {getattr(mask, 'dtype', type(mask).__name__)}")
+        check_shape(f"dropout_masks[{j}]", mask.shape, shape)
+    return [mask.to(device) for mask in masks]
+
+
+def check_upstream(name: str, grad: Tensor | None, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> None:
+    """An upstream gradient of a backward: None (zeros) or a tensor of the output's shape."""
+    if grad is not None:
+        check_float_tensor(name, grad, shape, dtype=dtype)
+
+
+def check_sequence_upstream(cache: RecurrentCache, dout: Tensor | None,
+                            dstates_n: Mapping[str, Tensor | None]) -> None:
+    """dout (B, T, D*H) and dh_n (, dc_n) (L*D, B, H) of a sequence backward, each may be None."""
+    if not isinstance(cache, RecurrentCache):
+        raise TypeError(f"cache: expected the RecurrentCache returned by the forward, "
+                        f"got {type(cache).__name__}")
+    L, D, _, H, _ = cache.layout
+    B, T, _ = cache.inputs[0].shape
+    dtype = cache.inputs[0].dtype
+    check_upstream("dout", dout, (B, T, D * H), dtype)
+    for name, ds in dstates_n.items():
+        check_upstream(name, ds, (L * D, B, H), dtype)
+
+
+# ----------------------------------------------------------------------------- sequence
+
+class DirectionCache(NamedTuple):
+    steps: list          # steps[t]: the cell's step cache at time t
+    h_prev: Tensor       # (B, T, H) h_{t-1}, the state entering step t, for dW_hh
+
+
+class RecurrentCache(NamedTuple):
+    cell: Cell
+    params: Mapping[str, Tensor]
+    layout: Layout
+    inputs: list[Tensor]            # inputs[k]: x^k (B, T, I_k), layer k's input after dropout
+    directions: list[DirectionCache]  # index k*D + d
+    valid: Tensor | None            # (T, B, 1) t < lengths[b]
+    dropout_masks: list[Tensor] | None
+    dropout_scale: float            # 1 / (1 - p), 0 when p == 1
+
+
+@torch.no_grad()
+def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args: RecurrentArgs
+                      ) -> tuple[tuple[Tensor, tuple[Tensor, ...]], RecurrentCache]:
+    """out (B, T, D*H) and the final states, each (L*D, B, H), over all layers and directions."""
+    L, D, _, _, bias = args.layout
+    scale = 0.0 if args.dropout == 1 else 1.0 / (1.0 - args.dropout)
+    inputs, directions = [], []
+    finals = [[] for _ in range(cell.num_states)]
+    layer_input = x
+    for k in range(L):
+        hs = []
+        for d in range(D):
+            s = SUFFIXES[d]
+            b_ih, b_hh = (params[f"bias_ih_l{k}{s}"], params[f"bias_hh_l{k}{s}"]) if bias \
+                else (None, None)
+            xw = F.linear(layer_input, params[f"weight_ih_l{k}{s}"], b_ih)  # one (B*T, I) matmul
+            state0 = tuple(s0[k * D + d] for s0 in args.states0)
+            state, h, cache = _direction_forward(cell, xw, state0, params[f"weight_hh_l{k}{s}"],
+                                                 b_hh, args.valid, reverse=d == 1)
+            hs.append(h)
+            directions.append(cache)
+            for final, s_n in zip(finals, state):
+                final.append(s_n)
+        out = hs[0] if D == 1 else torch.cat(hs, dim=-1)
+        if args.valid is not None:
+            out = out * args.valid.transpose(0, 1)  # out_t = 0 at padding, where h_t is carried
+        inputs.append(layer_input)
+        layer_input = out
+        if k < L - 1 and args.dropout_masks is not None:
+            layer_input = out * args.dropout_masks[k] * scale
+    states_n = tuple(torch.stack(final) for final in finals)
+    cache = RecurrentCache(cell, params, args.layout, inputs, directions, args.valid,
+                           args.dropout_masks, scale)
+    return (out, states_n), cache
+
+
+def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Tensor,
+                       b_hh: Tensor | None, valid: Tensor | None, reverse: bool
+                       ) -> tuple[tuple[Tensor, ...], Tensor, DirectionCache]:
+    """One direction of one layer over time: (final state, h (B, T, H), cache).
+
+    Per-step tensors are collected in lists and stacked once after the loop (one copy
+    kernel instead of T).
+    """
+    T = xw.shape[1]
+    hs, h_prevs, steps = [None] * T, [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h_prevs[t] = state[0]
+        state_new, steps[t] = cell.step(xw[:, t], state, w_hh, b_hh)
+        if valid is not None:
+            state_new = tuple(torch.where(valid[t], new, old) for new, old in zip(state_new, state))
+        hs[t] = state_new[0]
+        state = state_new
+    return state, torch.stack(hs, dim=1), DirectionCache(steps, torch.stack(h_prevs, dim=1))
+
+
+@torch.no_grad()
+def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
+                       dstates_n: Sequence[Tensor | None], need_dx: bool = True
+                       ) -> tuple[Tensor | None, dict[str, Tensor], tuple[Tensor, ...]]:
+    """(dx, dparams, dstates0) from dout (B, T, D*H) and dstates_n, each (L*D, B, H) or None.
+
+    ``need_dx=False`` skips the last matmul dx = dgates_x W_ih of layer 0 and returns None.
+    """
+    cell, params = cache.cell, cache.params
+    L, D, _, H, bias = cache.layout
+    x = cache.inputs[0]
+    B, T, _ = x.shape
+    dparams = {}
+    dstates0 = [x.new_zeros(L * D, B, H) for _ in range(cell.num_states)]
+    dlayer_out = dout
+    dx = None
+    for k in range(L - 1, -1, -1):
+        layer_input = cache.inputs[k]
+        dx = None
+        for d in range(D):
+            s = SUFFIXES[d]
+            i = k * D + d
+            w_ih, w_hh = params[f"weight_ih_l{k}{s}"], params[f"weight_hh_l{k}{s}"]
+            dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
+            dout_d = None if dlayer_out is None else dlayer_out[..., d * H:(d + 1) * H]
+            dgates_x, dgates_h, dstate0 = _direction_backward(
+                cell, dout_d, dstate, cache.directions[i], w_hh, cache.valid, d == 1)
+            for ds0, ds in zip(dstates0, dstate0):
+                ds0[i] = ds
+            GH = dgates_x.shape[-1]
+            # Weight gradients wait until after the time loop: one (G*H, B*T) @ (B*T, ·) matmul.
+            dparams[f"weight_ih_l{k}{s}"] = dgates_x.reshape(-1, GH).t() @ \
+                layer_input.reshape(B * T, -1)
+            dparams[f"weight_hh_l{k}{s}"] = dgates_h.reshape(-1, GH).t() @ \
+                cache.directions[i].h_prev.reshape(B * T, H)
+            if bias:
+                dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum((0, 1))
+                dparams[f"bias_hh_l{k}{s}"] = dgates_h.sum((0, 1))
+            if k > 0 or need_dx:
+                dx_d = dgates_x @ w_ih
+                dx = dx_d if dx is None else dx + dx_d
+        dlayer_out = dx
+        if k > 0 and cache.dropout_masks is not None:
+            dlayer_out = dx * cache.dropout_masks[k - 1] * cache.dropout_scale
+    dparams = {key: dparams[key] for key in params}
+    return dx, dparams, tuple(dstates0)
+
+
+def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, ...],
+                        cache: DirectionCache, w_hh: Tensor, valid: Tensor | None, reverse: bool
+                        ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(dgates_x, dgates_h) each (B, T, G*H), and the gradient of the initial state."""
+    T = cache.h_prev.shape[1]
+    dgates_x, dgates_h = [None] * T, [None] * T
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        dstate_new = dstate if dout is None else (dstate[0] + dout[:, t],) + dstate[1:]
+        if valid is not None:
+            # padded rows skipped the step: their gradient flows around it to s_{t-1}
+            dstate_new = tuple(torch.where(valid[t], ds, 0.0) for ds in dstate_new)
+        dgates_x[t], dgates_h[t], dstate_prev = cell.step_backward(dstate_new, cache.steps[t],
+                                                                    w_hh)
+        if valid is not None:
+            dstate_prev = tuple(torch.where(valid[t], dp, ds) for dp, ds in zip(dstate_prev, dstate))
+        dstate = dstate_prev
+    dgates_x_seq = torch.stack(dgates_x, dim=1)
+    dgates_h_seq = torch.stack(dgates_h, dim=1) if cell.separate_dgates_h else dgates_x_seq
+    return dgates_x_seq, dgates_h_seq, dstate
+
+
+# ----------------------------------------------------------------------------- cell step
+
+class CellCache(NamedTuple):
+    cell: Cell
+    x: Tensor           # (B, I)
+    h_prev: Tensor      # (B, H)
+    step: NamedTuple    # the cell's step cache
+    weight_ih: Tensor   # (G*H, I)
+    weight_hh: Tensor   # (G*H, H)
+    bias: bool
+
+
+def check_cell_args(x: Tensor, states: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                    num_gates: int) -> bool:
+    """Validate a cell step's x (B, I), states (B, H) and nn.*Cell params; return whether biased."""
+    check_float_tensor("x", x, ("B", "I"))
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict with keys weight_ih, weight_hh[, bias_ih, "
+                        f"bias_hh], got {type(params).__name__}")
+    unexpected = set(params) - {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+    if unexpected:
+        raise ValueError(f"params: unexpected key {min(unexpected, key=str)!r} (expected "
+                         f"weight_ih, weight_hh, bias_ih, bias_hh)")
+    if "weight_hh" not in params:
+        raise ValueError("params: missing key 'weight_hh'")
+    w_hh = check_float_tensor("params['weight_hh']", params["weight_hh"],
+                              (f"{num_gates}*H", "H"), dtype=x.dtype, finite=False)
+    B, I = x.shape
+    H = w_hh.shape[1]
+    bias = "bias_ih" in params or "bias_hh" in params
+    shapes = {"weight_ih": (num_gates * H, I), "weight_hh": (num_gates * H, H)}
+    if bias:
+        shapes.update(bias_ih=(num_gates * H,), bias_hh=(num_gates * H,))
+    for key, shape in shapes.items():
+        if key not in params:
+            raise ValueError(f"params: missing key {key!r} (expected shape {shape_str(shape)})")
+        check_float_tensor(f"params[{key!r}]", params[key], shape, dtype=x.dtype)
+    for name, state in states.items():
+        check_float_tensor(name, state, (B, H), dtype=x.dtype)
+    return bias
+
+
+@torch.no_grad()
+def cell_forward(cell: Cell, x: Tensor, state: tuple[Tensor, ...], params: Mapping[str, Tensor],
+                 bias: bool) -> tuple[tuple[Tensor, ...], CellCache]:
+    """One step: xw = W_ih x + b_ih, then the cell's step from ``state``."""
+    xw = F.linear(x, params["weight_ih"], params["bias_ih"] if bias else None)
+    state_new, step = cell.step(xw, state, params["weight_hh"],
+                                params["bias_hh"] if bias else None)
+    return state_new, CellCache(cell, x, state[0], step, params["weight_ih"], params["weight_hh"],
+                                bias)
+
+
+@torch.no_grad()
+def cell_backward(dstate_new: Sequence[Tensor | None], cache: CellCache
+                  ) -> tuple[Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
+    """(dx, dstate, dparams) of one step; None upstream gradients are zeros."""
+    dstate_new = tuple(torch.zeros_like(cache.h_prev) if ds is None else ds for ds in dstate_new)
+    dgates_x, dgates_h, dstate = cache.cell.step_backward(dstate_new, cache.step, cache.weight_hh)
+    dparams = {"weight_ih": dgates_x.t() @ cache.x, "weight_hh": dgates_h.t() @ cache.h_prev}
+    if cache.bias:
+        dparams.update(bias_ih=dgates_x.sum(0), bias_hh=dgates_h.sum(0))
+    return dgates_x @ cache.weight_ih, dstate, dparams
+
+
+# ----------------------------------------------------------------------------- module
+
+class RecurrentModule(nn.Module):
+    """torch.nn-compatible parameters, init and dropout handling shared by RNN, LSTM, GRU.
+
+    Parameters are registered under torch.nn's names, so ``state_dict()`` loads into
+    ``torch.nn.LSTM(..., batch_first=True)`` (and back) without renaming. Init is
+    torch's: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)).
+    """
+    num_gates: int
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 dropout: float = 0.0, bidirectional: bool = False, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.input_size = check_positive_int("input_size", input_size)
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
+        self.num_layers = check_positive_int("num_layers", num_layers)
+        self.bias = bool(bias)
+        self.dropout = check_probability("dropout", dropout, allow_one=True)
+        self.bidirectional = bool(bidirectional)
+        layout = Layout(self.num_layers, 2 if bidirectional else 1, self.input_size,
+                        self.hidden_size, self.bias)
+        for key, shape in param_shapes(layout, self.num_gates).items():
+            self.register_parameter(key, nn.Parameter(torch.empty(shape, device=device,
+                                                                  dtype=dtype)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def param_keys(self) -> list[str]:
+        return param_keys(self.num_layers, 2 if self.bidirectional else 1, self.bias)
+
+    def _dropout_args(self, x: Tensor, dropout_masks: Sequence[Tensor] | None
+                      ) -> tuple[float, Sequence[Tensor] | None]:
+        """Dropout is on in training mode only; without masks, draw Bernoulli(1 - p) keep-masks.
+
+        In eval mode, or where no dropout applies (p == 0 or one layer), masks are ignored.
+        """
+        if not self.training or self.dropout == 0 or self.num_layers == 1:
+            return 0.0, None
+        if dropout_masks is None:
+            check_float_tensor("x", x, ("B", "T", self.input_size), finite=False)
+            shape = (x.shape[0], x.shape[1], (2 if self.bidirectional else 1) * self.hidden_size)
+            dropout_masks = [torch.empty(shape, device=x.device).bernoulli_(1.0 - self.dropout)
+                             .bool() for _ in range(self.num_layers - 1)]
+        return self.dropout, dropout_masks
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            text += f", num_layers={self.num_layers}"
+        if not self.bias:
+            text += ", bias=False"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        if self.bidirectional:
+            text += ", bidirectional=True"
+        return text

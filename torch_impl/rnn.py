@@ -1,0 +1,180 @@
+"""Elman RNN (torch.nn.RNN): the cell step, the sequence layer, its autograd Function, the Module.
+
+    h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh),   act = tanh or relu
+
+Backward of one step (a = the pre-activation):
+    da = dh_t ⊙ act'(a),  act'(a) = 1 - h_t² (tanh) or [h_t > 0] (relu)
+    dh_{t-1} = da W_hh;   da is both dgates_x and dgates_h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .recurrent import (
+    Cell,
+    CellCache,
+    RecurrentCache,
+    RecurrentModule,
+    cell_backward,
+    cell_forward,
+    check_cell_args,
+    check_recurrent_args,
+    check_sequence_upstream,
+    check_upstream,
+    recurrent_backward,
+    recurrent_forward,
+)
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+class RNNStepCache(NamedTuple):
+    h: Tensor  # (B, H) h_t = act(a)
+
+
+def _rnn_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None,
+              nonlinearity: str) -> tuple[tuple[Tensor], RNNStepCache]:
+    """h_t = act(xw_t + W_hh h_{t-1} + b_hh), xw_t = W_ih x_t + b_ih already computed."""
+    (h_prev,) = state
+    a = xw + (h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t()))
+    h = torch.tanh(a) if nonlinearity == "tanh" else torch.relu(a)
+    return (h,), RNNStepCache(h)
+
+
+def _rnn_step_backward(dstate: tuple[Tensor], cache: RNNStepCache, w_hh: Tensor,
+                       nonlinearity: str) -> tuple[Tensor, Tensor, tuple[Tensor]]:
+    (dh,) = dstate
+    h = cache.h
+    da = dh * (1.0 - h * h) if nonlinearity == "tanh" else dh * (h > 0)  # act'(a)
+    return da, da, (da @ w_hh,)  # dh_{t-1} = da W_hh
+
+
+RNN_CELLS = {act: Cell(num_gates=1, num_states=1, step=partial(_rnn_step, nonlinearity=act),
+                       step_backward=partial(_rnn_step_backward, nonlinearity=act),
+                       separate_dgates_h=False)
+             for act in NONLINEARITIES}
+
+
+def _check_nonlinearity(nonlinearity: object) -> str:
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+    return nonlinearity
+
+
+# ----------------------------------------------------------------------------- cell
+
+def rnn_cell_forward(x: Tensor, h: Tensor, params: Mapping[str, Tensor],
+                     nonlinearity: str = "tanh") -> tuple[Tensor, CellCache]:
+    """One step of torch.nn.RNNCell: h_new = act(W_ih x + b_ih + W_hh h + b_hh).
+
+    x (B, I), h (B, H); params weight_ih (H, I), weight_hh (H, H), optional bias_ih,
+    bias_hh (H,). Returns h_new (B, H) and the cache for rnn_cell_backward.
+    """
+    cell = RNN_CELLS[_check_nonlinearity(nonlinearity)]
+    bias = check_cell_args(x, {"h": h}, params, cell.num_gates)
+    (h_new,), cache = cell_forward(cell, x, (h,), params, bias)
+    return h_new, cache
+
+
+def rnn_cell_backward(dh_new: Tensor | None, cache: CellCache
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(dx (B, I), dh (B, H), dparams) from dh_new (B, H); None means zeros."""
+    check_upstream("dh_new", dh_new, tuple(cache.h_prev.shape), cache.x.dtype)
+    dx, (dh,), dparams = cell_backward((dh_new,), cache)
+    return dx, dh, dparams
+
+
+# ----------------------------------------------------------------------------- sequence
+
+@torch.no_grad()
+def rnn_forward(x: Tensor, params: Mapping[str, Tensor], h0: Tensor | None = None,
+                lengths: Tensor | None = None, nonlinearity: str = "tanh", dropout: float = 0.0,
+                dropout_masks: Sequence[Tensor] | None = None
+                ) -> tuple[tuple[Tensor, Tensor], RecurrentCache]:
+    """Multi-layer (bidirectional) RNN over x (B, T, I), as torch.nn.RNN(batch_first=True).
+
+        h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+
+    params: torch.nn names weight_ih_l{k}[_reverse] (H, I_k), weight_hh_l{k} (H, H),
+    bias_ih_l{k}, bias_hh_l{k} (H,); L, D, I, H and bias are read off it.
+    h0 (L*D, B, H) or None (zeros); lengths (B,) in 1..T or None; dropout_masks: L-1
+    bool keep-masks (B, T, D*H), required when dropout > 0 and L > 1.
+    Returns ((out (B, T, D*H), h_n (L*D, B, H)), cache).
+    """
+    cell = RNN_CELLS[_check_nonlinearity(nonlinearity)]
+    args = check_recurrent_args(x, params, cell.num_gates, {"h0": h0}, lengths, dropout,
+                                dropout_masks)
+    (out, (h_n,)), cache = recurrent_forward(cell, x, params, args)
+    return (out, h_n), cache
+
+
+@torch.no_grad()
+def rnn_backward(dout: Tensor | None, cache: RecurrentCache, dh_n: Tensor | None = None
+                 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """(dx (B, T, I), dparams keyed like params, dh0 (L*D, B, H)); None upstream = zeros."""
+    check_sequence_upstream(cache, dout, {"dh_n": dh_n})
+    dx, dparams, (dh0,) = recurrent_backward(cache, dout, (dh_n,))
+    return dx, dparams, dh0
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class RNNFunction(torch.autograd.Function):
+    """(out, h_n) = RNN(x, h0; params) with the hand-written rnn backward.
+
+    apply(x, h0, lengths, nonlinearity, dropout, dropout_masks, keys, *weights), where
+    weights[j] is params[keys[j]]; h0 may be None; lengths and masks get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, lengths, nonlinearity, dropout, dropout_masks, keys, *weights):
+        (out, h_n), cache = rnn_forward(x, dict(zip(keys, weights)), h0, lengths, nonlinearity,
+                                        dropout, dropout_masks)
+        ctx.save_for_backward(x, h0, *weights)  # version-counter checks on the inputs
+        ctx.cache = cache
+        ctx.keys = keys
+        ctx.set_materialize_grads(False)
+        return out, h_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_n):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
+        need = ctx.needs_input_grad
+        dx, dparams, (dh0,) = recurrent_backward(ctx.cache, dout, (dh_n,), need_dx=need[0])
+        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[7:])]
+        return (dx if need[0] else None, dh0 if need[1] else None,
+                None, None, None, None, None, *dweights)
+
+
+class RNN(RecurrentModule):
+    """torch.nn.RNN(batch_first=True) with the hand-written backward of rnn.py."""
+    num_gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, dropout: float = 0.0,
+                 bidirectional: bool = False, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        nonlinearity = _check_nonlinearity(nonlinearity)
+        super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional,
+                         device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, lengths: Tensor | None = None,
+                dropout_masks: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, I) -> (out (B, T, D*H), h_n (L*D, B, H))."""
+        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
+        keys = self.param_keys()
+        return RNNFunction.apply(x, h0, lengths, self.nonlinearity, dropout, dropout_masks,
+                                 tuple(keys), *(getattr(self, key) for key in keys))
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.nonlinearity == "tanh" else text + ", nonlinearity='relu'"
