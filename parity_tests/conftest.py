@@ -23,3 +23,9 @@ settings.register_profile("thorough", max_examples=500, **_common)
 
 _default = "ci" if os.environ.get("CI") else "dev"
 settings.load_profile(os.environ.get("SEQTWIN_HYPOTHESIS_PROFILE", _default))
+
+# The tests run many tiny ops, where intra-op threads only add synchronisation (and, on a busy
+# 2-core machine, long stalls); one thread keeps the suite fast and its timing steady.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,182 @@
+"""Recurrent layers, side by side: reference (NumPy), torch_impl (eager), torch.nn (oneDNN/cuDNN).
+
+Each row is one implementation of one layer on one workload (forward only, or
+forward + backward) at one shape, with tokens/s, achieved GFLOP/s and the
+relative error of its output against torch.nn on the same inputs.
+
+FLOP count (matrix products only; the pointwise work is O(B T G H) and left
+out), per layer and direction with G gates (RNN 1, LSTM 4, GRU 3)::
+
+    forward   2 B T G H (I + H)
+    backward  2 x forward (one product for the input gradient, one for the weights)
+
+Run one at a time, e.g.::
+
+    python -m benchmarks.bench_recurrent                      # CPU, float32, B32 T64 H512
+    python -m benchmarks.bench_recurrent --device cuda --dtype bfloat16 --batch 64 \
+        --length 128 --hidden 1024 --no-reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import reference
+import torch_impl
+from benchmarks.harness import machine_info, machine_slug, markdown_table, time_call, write_results
+
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+NN_CLASSES = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+OURS = {"rnn": (torch_impl.RNN, reference.RNN), "lstm": (torch_impl.LSTM, reference.LSTM),
+        "gru": (torch_impl.GRU, reference.GRU)}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+
+
+def flops(cell: str, B: int, T: int, I: int, H: int, backward: bool) -> float:
+    forward = 2.0 * B * T * GATES[cell] * H * (I + H)
+    return forward * (3.0 if backward else 1.0)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def torch_runner(module: torch.nn.Module, x: torch.Tensor, dout: torch.Tensor,
+                 backward: bool) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        if not backward:
+            with torch.no_grad():
+                return module(x)[0]
+        x.grad = None
+        out = module(x)[0]
+        out.backward(dout)
+        return out
+    return run
+
+
+def reference_runner(module: Any, x: np.ndarray, dout: np.ndarray,
+                     backward: bool) -> Callable[[], np.ndarray]:
+    def run() -> np.ndarray:
+        out = module(x)[0]
+        if backward:
+            module.backward(dout)
+        return out
+    return run
+
+
+def bench_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    B, T, H = args.batch, args.length, args.hidden
+    I = args.input or H
+    dtype = TORCH_DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(args.seed)
+    nn_layer = NN_CLASSES[cell](I, H, num_layers=args.layers, batch_first=True)
+    nn_layer = nn_layer.to(device=args.device, dtype=dtype)
+    ours_cls, ref_cls = OURS[cell]
+    ours = ours_cls(I, H, num_layers=args.layers).to(device=args.device, dtype=dtype)
+    ours.load_state_dict(nn_layer.state_dict())
+    x = torch.randn(B, T, I, generator=gen).to(device=args.device, dtype=dtype)
+    x.requires_grad_(True)
+    dout = torch.randn(B, T, H, generator=gen).to(device=args.device, dtype=dtype)
+
+    with torch.no_grad():
+        expected = nn_layer(x)[0]
+    impls: list[tuple[str, Callable[[bool], Callable[[], Any]]]] = [
+        ("torch.nn", lambda bw: torch_runner(nn_layer, x, dout, bw)),
+        ("torch_impl", lambda bw: torch_runner(ours, x, dout, bw)),
+    ]
+    if args.reference:
+        ref_dtype = np.float64 if args.dtype == "float64" else np.float32
+        ref = ref_cls(I, H, num_layers=args.layers, dtype=ref_dtype)
+        ref.load_state_dict({k: v.detach().float().cpu().numpy() for k, v in
+                             nn_layer.state_dict().items()})
+        x_np = x.detach().float().cpu().numpy().astype(ref_dtype)
+        dout_np = dout.float().cpu().numpy().astype(ref_dtype)
+        impls.append(("reference", lambda bw: reference_runner(ref, x_np, dout_np, bw)))
+
+    rows = []
+    for workload, backward in (("forward", False), ("forward+backward", True)):
+        for name, make in impls:
+            run = make(backward)
+            out = run()
+            err = relative_error(torch.as_tensor(out), expected)
+            timing = time_call(run, args.device, warmup=args.warmup, repeat=args.repeat,
+                               min_seconds=args.min_seconds)
+            t = timing["median_s"]
+            rows.append({"layer": cell, "workload": workload, "impl": name,
+                         "shape": {"B": B, "T": T, "I": I, "H": H, "layers": args.layers},
+                         "dtype": args.dtype, "device": args.device, **timing,
+                         "tokens_per_s": B * T / t,
+                         "gflop_per_s": flops(cell, B, T, I, H, backward) * args.layers / t / 1e9,
+                         "rel_err_vs_torch_nn": err})
+            print(f"  {cell:4s} {workload:16s} {name:10s} {t * 1e3:9.2f} ms  "
+                  f"{B * T / t:12,.0f} tok/s  err {err:.1e}", file=sys.stderr, flush=True)
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    baseline = {(r["layer"], r["workload"]): r["median_s"] for r in rows if r["impl"] == "torch.nn"}
+    table = []
+    for r in rows:
+        speedup = baseline[(r["layer"], r["workload"])] / r["median_s"]
+        spread = f"{r['q1_s'] * 1e3:.2f}-{r['q3_s'] * 1e3:.2f}"
+        table.append([r["layer"], r["workload"], r["impl"], f"{r['median_s'] * 1e3:.2f}", spread,
+                      f"{r['tokens_per_s']:,.0f}", f"{r['gflop_per_s']:.1f}", f"{speedup:.2f}x",
+                      f"{r['rel_err_vs_torch_nn']:.1e}"])
+    return markdown_table(["layer", "workload", "impl", "median ms", "IQR ms", "tokens/s",
+                           "GFLOP/s", "vs torch.nn", "rel err vs torch.nn"], table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES))
+    p.add_argument("--cells", default="lstm,gru", help="comma list of rnn,lstm,gru")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--input", type=int, default=0, help="input size (default: = hidden)")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--min-seconds", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the NumPy reference (slow at large sizes; CPU only)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (default: benchmarks/results/<machine>)")
+    args = p.parse_args(argv)
+    if args.dtype in ("bfloat16", "float16"):
+        args.reference = False  # NumPy has no bfloat16/float16 reference to time
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.bench_recurrent " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    print(f"# {command}", file=sys.stderr)
+    rows = []
+    for cell in args.cells.split(","):
+        rows += bench_cell(cell.strip(), args)
+    table = summary_table(rows)
+    out_dir = args.out or Path(__file__).parent / "results" / machine_slug(args.device)
+    stem = f"recurrent_{args.device.split(':')[0]}_{args.dtype}_B{args.batch}_T{args.length}_H{args.hidden}"
+    payload = {"command": command, "machine": machine_info(args.device), "rows": rows}
+    md = f"# Recurrent layers\n\n`{command}`\n\n{table}\n"
+    paths = write_results(out_dir, stem, payload, md)
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

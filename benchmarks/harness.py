@@ -1,0 +1,122 @@
+"""The small shared timing harness: warm-up, repetitions, median and spread.
+
+On CUDA every timed call is bracketed by synchronisation (the host clock is
+read only after the device has finished); on the CPU the thread count is
+recorded. ``machine_info`` records what a reader needs to trust a number:
+CPU/GPU model, library versions, threads, BLAS kernel and the OpenBLAS
+overrides of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: str = "cpu", warmup: int = 2, repeat: int = 10,
+              min_seconds: float = 0.0) -> dict[str, float]:
+    """Median / quartiles / min of ``repeat`` timed calls after ``warmup`` untimed ones.
+
+    ``min_seconds`` keeps repeating (beyond ``repeat``) until that much time
+    was measured, so fast calls get enough samples.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples: list[float] = []
+    total = 0.0
+    while len(samples) < repeat or total < min_seconds:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        elapsed = time.perf_counter() - start
+        samples.append(elapsed)
+        total += elapsed
+        if len(samples) >= 10_000:
+            break
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2],
+            "min_s": min(samples), "n": len(samples)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """Which BLAS numpy runs (library, kernel/architecture, threads), via threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl not installed"}]
+    keep = ("user_api", "internal_api", "version", "num_threads", "architecture", "filepath")
+    return [{k: info.get(k) for k in keep} for info in threadpool_info()]
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    import torch
+    info: dict[str, Any] = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+        "platform": platform.platform(), "numpy": np.__version__, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "blas": blas_info(),
+        "openblas_env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                         "OMP_NUM_THREADS")},
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    # cuDNN's float32 RNNs use TF32 tensor cores unless this is False
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def machine_slug(device: str = "cpu") -> str:
+    """A directory name for ``benchmarks/results/<machine>/``."""
+    if device.startswith("cuda"):
+        import torch
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"{cpu_model()}-{os.cpu_count()}core"
+    keep = "".join(c if c.isalnum() else "-" for c in name.lower())
+    return "-".join(part for part in keep.split("-") if part)
+
+
+def write_results(out_dir: Path, stem: str, payload: dict[str, Any], table_md: str) -> list[Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` atomically (temp file, then rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix, text in ((".json", json.dumps(payload, indent=2, default=str)), (".md", table_md)):
+        path = out_dir / f"{stem}{suffix}"
+        tmp = path.with_suffix(suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
