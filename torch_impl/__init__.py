@@ -13,9 +13,12 @@ Switch backends by changing one import::
     import torch_impl as sq     # PyTorch
 """
 
-from .activations import (log_softmax, log_softmax_backward, log_softmax_forward, relu_backward,
+from .activations import (gelu_backward, gelu_forward, log_softmax, log_softmax_backward, log_softmax_forward, relu_backward,
                           relu_forward, sigmoid, sigmoid_backward, sigmoid_forward, softmax,
                           softmax_backward, softmax_forward, tanh_backward, tanh_forward)
+from .attention import (MultiheadAttention, multi_head_attention_backward,
+                        multi_head_attention_forward, scaled_dot_product_attention_backward,
+                        scaled_dot_product_attention_forward)
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import embedding_backward, embedding_forward
 from .gradcheck import gradcheck, numerical_gradients
@@ -23,14 +26,23 @@ from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_for
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
+from .normalization import layer_norm_backward, layer_norm_forward
 from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
+from .rnn_attention import (AdditiveAttention, LuongAttention, additive_attention_backward,
+                            additive_attention_forward, luong_attention_backward,
+                            luong_attention_forward)
+from .attention import scaled_dot_product_attention
+
+# Torch-only extras (documented; no NumPy twin): the autograd entry point of the hand-written
+# attention, for use outside the modules.
+TORCH_ONLY = ["scaled_dot_product_attention"]
 
 __all__ = [
     # activations
     "sigmoid", "softmax", "log_softmax",
     "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
     "relu_forward", "relu_backward", "softmax_forward", "softmax_backward",
-    "log_softmax_forward", "log_softmax_backward",
+    "log_softmax_forward", "log_softmax_backward", "gelu_forward", "gelu_backward",
     # building blocks
     "linear_forward", "linear_backward", "embedding_forward", "embedding_backward",
     "cross_entropy_forward", "cross_entropy_backward",
@@ -40,4 +52,10 @@ __all__ = [
     "rnn_cell_forward", "rnn_cell_backward", "rnn_forward", "rnn_backward", "RNN",
     "lstm_cell_forward", "lstm_cell_backward", "lstm_forward", "lstm_backward", "LSTM",
     "gru_cell_forward", "gru_cell_backward", "gru_forward", "gru_backward", "GRU",
+    # attention and normalization
+    "layer_norm_forward", "layer_norm_backward",
+    "scaled_dot_product_attention_forward", "scaled_dot_product_attention_backward",
+    "multi_head_attention_forward", "multi_head_attention_backward", "MultiheadAttention",
+    "additive_attention_forward", "additive_attention_backward", "AdditiveAttention",
+    "luong_attention_forward", "luong_attention_backward", "LuongAttention",
 ]

@@ -11,13 +11,20 @@ beyond is safe); the backwards are written by hand from the equations:
                       dx = y ⊙ (dy - Σ_j dy_j y_j)
     log_softmax(x)  = x - m - log Σ_j e^{x_j - m}
                       dx = dy - softmax(x) Σ_j dy_j
+    gelu(x)         = x Φ(x),  Φ(x) = ½ erfc(-x/√2)            (approximate="none")
+                      dgelu/dx = Φ(x) + x φ(x),  φ(x) = e^{-x²/2} / √(2π)
+                    ≈ x c,  c = ½ (1 + tanh u) = σ(2u),  u = √(2/π) (x + 0.044715 x³)
+                                                                  (approximate="tanh")
+                      dgelu/dx = c + 2 x c (1 - c) du/dx,  du/dx = √(2/π) (1 + 3·0.044715 x²)
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .checks import check_float_tensor
 
@@ -118,3 +125,57 @@ def log_softmax_forward(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, 
 def log_softmax_backward(dy: torch.Tensor, cache: LogSoftmaxCache) -> torch.Tensor:
     """dx = dy - softmax(x) Σ_j dy_j."""
     return dy - torch.exp(cache.y) * dy.sum(dim=cache.axis, keepdim=True)
+
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_COEF = 0.044715
+
+
+class GeluCache(NamedTuple):
+    x: torch.Tensor
+    cdf: torch.Tensor  # Φ(x), or its tanh approximation c = σ(2u)
+    approximate: str
+
+
+def gelu_forward(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, GeluCache]:
+    """y = x Φ(x) (approximate="none") or its tanh approximation (GPT-2's "gelu_new")."""
+    check_float_tensor("x", x)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate: expected one of {', '.join(map(repr, GELU_APPROXIMATIONS))}"
+                         f", got {approximate!r}")
+    # erfc(-x/√2) and σ(2u) rather than 1 + erf(x/√2) and 1 + tanh u: no cancellation in the
+    # negative tail, so y keeps full relative precision there.
+    if approximate == "none":
+        cdf = 0.5 * torch.special.erfc(-x * math.sqrt(0.5))
+    else:
+        cdf = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x * x * x))
+    return x * cdf, GeluCache(x, cdf, approximate)
+
+
+def gelu_backward(dy: torch.Tensor, cache: GeluCache) -> torch.Tensor:
+    """dx = dy ⊙ (Φ(x) + x φ(x)), or dy ⊙ (c + 2 x c (1 - c) du/dx) for the tanh form."""
+    x, cdf = cache.x, cache.cdf
+    if cache.approximate == "none":
+        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return dy * (cdf + x * pdf)
+    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * x * x)
+    return dy * (cdf + 2.0 * x * cdf * (1.0 - cdf) * du_dx)
+
+
+class GeluFunction(torch.autograd.Function):
+    """y = gelu(x, approximate) with the hand-written backward above. apply(x, approximate)."""
+
+    @staticmethod
+    def forward(ctx, x, approximate):
+        y, cache = gelu_forward(x, approximate)
+        ctx.save_for_backward(x)  # the cdf is recomputed: cheap next to the matmuls around it
+        ctx.approximate = approximate
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        _, cache = gelu_forward(x, ctx.approximate)
+        return gelu_backward(dy, cache), None
