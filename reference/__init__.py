@@ -16,11 +16,14 @@ from .attention import (MultiheadAttention, multi_head_attention_backward,
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import embedding_backward, embedding_forward
 from .gradcheck import gradcheck, numerical_gradients
+from .gpt2 import load_gpt2, save_gpt2
 from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
 from .normalization import layer_norm_backward, layer_norm_forward
+from .transformer import (GPT, GPTConfig, gpt_backward, gpt_dropout_masks, gpt_forward,
+                          gpt_param_shapes)
 from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
 from .rnn_attention import (AdditiveAttention, LuongAttention, additive_attention_backward,
                             additive_attention_forward, luong_attention_backward,
@@ -47,4 +50,7 @@ __all__ = [
     "multi_head_attention_forward", "multi_head_attention_backward", "MultiheadAttention",
     "additive_attention_forward", "additive_attention_backward", "AdditiveAttention",
     "luong_attention_forward", "luong_attention_backward", "LuongAttention",
+    # GPT and GPT-2 checkpoints
+    "GPTConfig", "GPT", "gpt_forward", "gpt_backward", "gpt_param_shapes", "gpt_dropout_masks",
+    "load_gpt2", "save_gpt2",
 ]

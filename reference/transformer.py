@@ -1,0 +1,458 @@
+"""GPT in GPT-2's architecture, forward and hand-written backward through the whole model.
+
+For token ids (B, T), E = n_embd, h = n_head, d = E / h, V = vocab_size:
+
+    x     = drop(wte[ids] + wpe[0..T-1])                          (B, T, E)
+    for every block:
+        q, k, v = split(LN_1(x) W_attn + b_attn)                   each (B, h, T, d)
+        a       = attention(q, k, v, causal) merged to (B, T, E)
+        x       = x + drop(a W_proj + b_proj)
+        x       = x + drop(gelu_tanh(LN_2(x) W_fc + b_fc) W_mproj + b_mproj)
+    logits = LN_f(x) wteᵀ                                         (B, T, V), head tied to wte
+    loss   = cross_entropy(logits, targets, ignore_index)         mean over non-ignored targets
+
+attention(q, k, v, causal) = softmax(q kᵀ / √d + causal mask) v, with dropout on the weights.
+Weights are in GPT-2's Conv1D orientation (W (in, out), y = x W + b), under the Hugging Face
+names, so a ``GPT2LMHeadModel`` state dict loads with no renaming or transposing.
+
+The backward runs the same chain in reverse, each step the backward of the building block that
+made it (linear, layer norm, gelu, attention, dropout, embedding, cross-entropy); the residual
+stream adds the gradient of each branch to the gradient flowing past it, and wte's gradient is
+the sum of its two uses (the lookup and the head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from .activations import GeluCache, gelu_backward, gelu_forward
+from .attention import (AttentionCache, scaled_dot_product_attention_backward,
+                        scaled_dot_product_attention_forward)
+from .checks import (check_float_array, check_int_array, check_positive_int, check_probability,
+                     shape_str)
+from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
+from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .linear import LinearCache, linear_backward, linear_forward
+from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from .module import Module
+from .normalization import LayerNormCache, layer_norm_backward, layer_norm_forward
+
+INIT_STD = 0.02  # GPT-2's initializer_range
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Sizes of a GPT; validated on construction (ValueError/TypeError naming the field).
+
+    ``bias=False`` drops every bias, those of the layer norms included (as nanoGPT).
+    ``dropout`` is the rate of every dropout site (embeddings, attention weights, residuals).
+    """
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check_positive_int(name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head: expected a divisor of n_embd = {self.n_embd}, "
+                             f"got {self.n_head}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"layer_norm_epsilon: expected a float, got {type(eps).__name__}")
+        if not eps > 0:
+            raise ValueError(f"layer_norm_epsilon: expected a positive float, got {eps}")
+        check_probability("dropout", self.dropout)
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias: expected a bool, got {type(self.bias).__name__}")
+
+
+def gpt_param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face GPT-2 parameter names and shapes (no ``lm_head``: it is tied to wte)."""
+    E, bias = config.n_embd, config.bias
+    shapes = {"transformer.wte.weight": (config.vocab_size, E),
+              "transformer.wpe.weight": (config.block_size, E)}
+
+    def add(name: str, weight: tuple[int, ...], bias_size: int) -> None:
+        shapes[f"{name}.weight"] = weight
+        if bias:
+            shapes[f"{name}.bias"] = (bias_size,)
+
+    for i in range(config.n_layer):
+        block = f"transformer.h.{i}"
+        add(f"{block}.ln_1", (E,), E)
+        add(f"{block}.attn.c_attn", (E, 3 * E), 3 * E)
+        add(f"{block}.attn.c_proj", (E, E), E)
+        add(f"{block}.ln_2", (E,), E)
+        add(f"{block}.mlp.c_fc", (E, 4 * E), 4 * E)
+        add(f"{block}.mlp.c_proj", (4 * E, E), E)
+    add("transformer.ln_f", (E,), E)
+    return shapes
+
+
+def _init_params(config: GPTConfig, rng: np.random.Generator,
+                 dtype: Any = np.float64) -> dict[str, np.ndarray]:
+    """GPT-2's init: weights N(0, 0.02²), the two residual projections (``c_proj``)
+    N(0, (0.02/√(2 n_layer))²), biases 0, layer-norm weights 1."""
+    params = {}
+    for name, shape in gpt_param_shapes(config).items():
+        if ".ln_" in name:
+            value = np.ones(shape) if name.endswith(".weight") else np.zeros(shape)
+        elif name.endswith(".bias"):
+            value = np.zeros(shape)
+        else:
+            # Each block adds two c_proj outputs to the residual stream: scaling them keeps the
+            # stream's variance independent of depth.
+            std = INIT_STD / np.sqrt(2 * config.n_layer) if ".c_proj." in name else INIT_STD
+            value = rng.normal(0.0, std, shape)
+        params[name] = value.astype(dtype)
+    return params
+
+
+def gpt_dropout_mask_shapes(config: GPTConfig, batch: int,
+                            steps: int) -> dict[str, tuple[int, ...]]:
+    """The dropout sites, named after Hugging Face GPT-2's dropout modules, and mask shapes."""
+    B, T, E = batch, steps, config.n_embd
+    shapes = {"transformer.drop": (B, T, E)}
+    for i in range(config.n_layer):
+        shapes[f"transformer.h.{i}.attn.attn_dropout"] = (B, config.n_head, T, T)
+        shapes[f"transformer.h.{i}.attn.resid_dropout"] = (B, T, E)
+        shapes[f"transformer.h.{i}.mlp.dropout"] = (B, T, E)
+    return shapes
+
+
+def gpt_dropout_masks(config: GPTConfig, batch: int, steps: int,
+                      seed: int | np.random.Generator) -> dict[str, np.ndarray]:
+    """Bool keep-masks for every dropout site, drawn with ``dropout_mask(shape, config.dropout,
+    seed)`` (a Generator's state advances; an int seeds one Generator for all the masks)."""
+    rng = np.random.default_rng(seed)
+    return {name: dropout_mask(shape, config.dropout, rng)
+            for name, shape in gpt_dropout_mask_shapes(config, batch, steps).items()}
+
+
+# ----------------------------------------------------------------------------- caches
+
+class BlockCache(NamedTuple):
+    ln_1: LayerNormCache             # LN_1(x)
+    c_attn: LinearCache              # [q k v] = LN_1(x) W_attn + b_attn
+    attn: AttentionCache             # attention(q, k, v, causal)
+    c_proj: LinearCache              # a W_proj + b_proj
+    resid_dropout: DropoutCache | None  # drop(.) of the attention branch
+    ln_2: LayerNormCache             # LN_2(x)
+    c_fc: LinearCache                # LN_2(x) W_fc + b_fc
+    gelu: GeluCache                  # gelu_tanh(.)
+    mlp_c_proj: LinearCache          # gelu(.) W_mproj + b_mproj
+    mlp_dropout: DropoutCache | None    # drop(.) of the MLP branch
+
+
+class GPTCache(NamedTuple):
+    config: GPTConfig
+    wte: EmbeddingCache              # wte[ids]
+    wpe: EmbeddingCache              # wpe[0..T-1]
+    drop: DropoutCache | None        # drop(wte[ids] + wpe); None without dropout
+    blocks: tuple[BlockCache, ...]
+    ln_f: LayerNormCache             # LN_f(x)
+    lm_head: LinearCache             # logits = LN_f(x) wteᵀ
+    loss: CrossEntropyCache | None   # cross_entropy(logits, targets); None without targets
+
+
+# ----------------------------------------------------------------------------- Conv1D
+
+def _conv1d_forward(x: np.ndarray, weight: np.ndarray,
+                    bias: np.ndarray | None) -> tuple[np.ndarray, LinearCache]:
+    # GPT-2's Conv1D stores W as (in, out): x W + b is the linear map x (Wᵀ)ᵀ + b.
+    return linear_forward(x, weight.T, bias)
+
+
+def _conv1d_backward(dy: np.ndarray, cache: LinearCache
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    dx, dweight_t, dbias = linear_backward(dy, cache)
+    return dx, np.ascontiguousarray(dweight_t.T), dbias
+
+
+def _dropout(x: np.ndarray, p: float, masks: Mapping[str, np.ndarray] | None,
+             name: str) -> tuple[np.ndarray, DropoutCache | None]:
+    if masks is None:
+        return x, None
+    return dropout_forward(x, p, masks[name])
+
+
+def _dropout_back(dy: np.ndarray, cache: DropoutCache | None) -> np.ndarray:
+    return dy if cache is None else dropout_backward(dy, cache)
+
+
+# ----------------------------------------------------------------------------- block
+
+def _block_forward(x: np.ndarray, params: Mapping[str, np.ndarray], prefix: str,
+                   config: GPTConfig, masks: Mapping[str, np.ndarray] | None
+                   ) -> tuple[np.ndarray, BlockCache]:
+    """x + attn(LN_1(x)), then + mlp(LN_2(.)) for x (B, T, E)."""
+    B, T, E = x.shape
+    nh, eps, p = config.n_head, config.layer_norm_epsilon, config.dropout
+
+    def param(name: str) -> np.ndarray | None:
+        return params.get(f"{prefix}.{name}")
+
+    h, ln_1 = layer_norm_forward(x, param("ln_1.weight"), param("ln_1.bias"), eps)
+    qkv, c_attn = _conv1d_forward(h, param("attn.c_attn.weight"), param("attn.c_attn.bias"))
+    # (B, T, 3E) -> three (B, nh, T, d) tensors: heads become a batch axis of the attention.
+    q, k, v = qkv.reshape(B, T, 3, nh, E // nh).transpose(2, 0, 3, 1, 4)
+    attn_keep = None if masks is None else masks[f"{prefix}.attn.attn_dropout"]
+    a, attn = scaled_dot_product_attention_forward(q, k, v, causal=True,
+                                                   dropout=p, dropout_mask=attn_keep)
+    a = a.transpose(0, 2, 1, 3).reshape(B, T, E)
+    a, c_proj = _conv1d_forward(a, param("attn.c_proj.weight"), param("attn.c_proj.bias"))
+    a, resid_dropout = _dropout(a, p, masks, f"{prefix}.attn.resid_dropout")
+    x = x + a
+
+    h, ln_2 = layer_norm_forward(x, param("ln_2.weight"), param("ln_2.bias"), eps)
+    m, c_fc = _conv1d_forward(h, param("mlp.c_fc.weight"), param("mlp.c_fc.bias"))
+    m, gelu = gelu_forward(m, approximate="tanh")
+    m, mlp_c_proj = _conv1d_forward(m, param("mlp.c_proj.weight"), param("mlp.c_proj.bias"))
+    m, mlp_dropout = _dropout(m, p, masks, f"{prefix}.mlp.dropout")
+    return x + m, BlockCache(ln_1, c_attn, attn, c_proj, resid_dropout, ln_2, c_fc, gelu,
+                             mlp_c_proj, mlp_dropout)
+
+
+def _block_backward(dx: np.ndarray, cache: BlockCache, prefix: str, n_head: int,
+                    dparams: dict[str, np.ndarray]) -> np.ndarray:
+    """dx of the block's input from dx of its output; parameter gradients go into dparams."""
+    B, T, E = dx.shape
+
+    def put(name: str, dweight: np.ndarray, dbias: np.ndarray | None) -> None:
+        dparams[f"{prefix}.{name}.weight"] = dweight
+        if dbias is not None:
+            dparams[f"{prefix}.{name}.bias"] = dbias
+
+    # x_out = x_mid + drop(gelu(LN_2(x_mid) W_fc + b_fc) W_mproj + b_mproj)
+    dm = _dropout_back(dx, cache.mlp_dropout)
+    dm, dw, db = _conv1d_backward(dm, cache.mlp_c_proj)
+    put("mlp.c_proj", dw, db)
+    dm = gelu_backward(dm, cache.gelu)
+    dh, dw, db = _conv1d_backward(dm, cache.c_fc)
+    put("mlp.c_fc", dw, db)
+    dh, dw, db = layer_norm_backward(dh, cache.ln_2)
+    put("ln_2", dw, db)
+    dx = dx + dh
+
+    # x_mid = x_in + drop(attention(split(LN_1(x_in) W_attn + b_attn)) W_proj + b_proj)
+    da = _dropout_back(dx, cache.resid_dropout)
+    da, dw, db = _conv1d_backward(da, cache.c_proj)
+    put("attn.c_proj", dw, db)
+    da = da.reshape(B, T, n_head, E // n_head).transpose(0, 2, 1, 3)
+    dq, dk, dv = scaled_dot_product_attention_backward(da, cache.attn)
+    # the inverse of the split: three (B, nh, T, d) gradients back to (B, T, 3E)
+    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * E)
+    dh, dw, db = _conv1d_backward(dqkv, cache.c_attn)
+    put("attn.c_attn", dw, db)
+    dh, dw, db = layer_norm_backward(dh, cache.ln_1)
+    put("ln_1", dw, db)
+    return dx + dh
+
+
+# ----------------------------------------------------------------------------- model
+
+def _check_params(params: object, config: GPTConfig) -> None:
+    """Exactly the keys of ``gpt_param_shapes(config)``, each float with its shape, one dtype."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of arrays keyed by GPT-2 names, "
+                        f"got {type(params).__name__}")
+    expected = gpt_param_shapes(config)
+    missing = [name for name in expected if name not in params]
+    if missing:
+        raise ValueError(f"params: missing key {missing[0]!r} (expected shape "
+                         f"{shape_str(expected[missing[0]])}); {len(missing)} missing in all")
+    unexpected = sorted(set(params) - set(expected))
+    if unexpected:
+        raise ValueError(f"params: unexpected keys {unexpected} (config: n_layer = "
+                         f"{config.n_layer}, bias = {config.bias}; the head is tied to wte)")
+    dtype = None
+    for name, shape in expected.items():
+        check_float_array(f"params[{name!r}]", params[name], shape=shape, dtype=dtype)
+        dtype = params[name].dtype
+
+
+def _check_dropout_masks(masks: object, config: GPTConfig, batch: int, steps: int) -> None:
+    if config.dropout == 0:
+        if masks is not None:
+            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
+        return
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when config.dropout = {config.dropout} > 0 "
+                         f"(randomness is explicit: see gpt_dropout_masks)")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"dropout_masks: expected a dict of bool arrays, "
+                        f"got {type(masks).__name__}")
+    expected = gpt_dropout_mask_shapes(config, batch, steps)
+    if set(masks) != set(expected):
+        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
+                         f"{sorted(set(expected) - set(masks))}, unexpected "
+                         f"{sorted(set(masks) - set(expected))}")
+    for name, shape in expected.items():
+        mask = masks[name]
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise TypeError(f"dropout_masks[{name!r}]: expected a bool numpy.ndarray "
+                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != shape:
+            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
+                             f"got {shape_str(mask.shape)}")
+
+
+def _check_ids(ids: object, config: GPTConfig) -> tuple[int, int]:
+    check_int_array("ids", ids, shape=("B", "T"), low=0, high=config.vocab_size)
+    B, T = ids.shape
+    if B < 1 or not 1 <= T <= config.block_size:
+        raise ValueError(f"ids: expected shape (B, T) with B >= 1 and 1 <= T <= "
+                         f"{config.block_size} (config.block_size), got {shape_str(ids.shape)}")
+    return B, T
+
+
+def gpt_forward(ids: np.ndarray, params: Mapping[str, np.ndarray], config: GPTConfig,
+                targets: np.ndarray | None = None, ignore_index: int = -100,
+                dropout_masks: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[tuple[np.ndarray, np.ndarray | None], GPTCache]:
+    """GPT over ids int (B, T) in 0..V-1, T <= block_size (equations in the module docstring).
+
+    params: ``gpt_param_shapes(config)`` names. targets int (B, T) or None; the loss is the
+    mean cross-entropy over targets != ignore_index (0 if all are ignored). dropout_masks:
+    bool keep-masks keyed as ``gpt_dropout_mask_shapes``, required iff config.dropout > 0.
+    Returns ((logits (B, T, V), loss 0-d or None), cache).
+    """
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
+    _check_params(params, config)
+    B, T = _check_ids(ids, config)
+    if targets is not None:
+        check_int_array("targets", targets, shape=(B, T))
+    _check_dropout_masks(dropout_masks, config, B, T)
+    p, eps = config.dropout, config.layer_norm_epsilon
+
+    tok, wte = embedding_forward(ids, params["transformer.wte.weight"])
+    pos, wpe = embedding_forward(np.arange(T), params["transformer.wpe.weight"])
+    x, drop = _dropout(tok + pos, p, dropout_masks, "transformer.drop")
+    blocks = []
+    for i in range(config.n_layer):
+        x, block = _block_forward(x, params, f"transformer.h.{i}", config, dropout_masks)
+        blocks.append(block)
+    x, ln_f = layer_norm_forward(x, params["transformer.ln_f.weight"],
+                                 params.get("transformer.ln_f.bias"), eps)
+    logits, lm_head = linear_forward(x, params["transformer.wte.weight"])  # tied: x wteᵀ
+    loss, loss_cache = None, None
+    if targets is not None:
+        loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
+    cache = GPTCache(config, wte, wpe, drop, tuple(blocks), ln_f, lm_head, loss_cache)
+    return (logits, loss), cache
+
+
+def gpt_backward(cache: GPTCache, dlogits: np.ndarray | None = None,
+                 dloss: float | np.ndarray = 1.0) -> dict[str, np.ndarray]:
+    """Gradients of L = dloss · loss + <logits, dlogits> for every parameter.
+
+    dlogits (B, T, V) or None (zeros); dloss scales the loss gradient and is unused when the
+    forward had no targets. Returns dparams keyed (and ordered) like ``gpt_param_shapes``.
+    """
+    if not isinstance(cache, GPTCache):
+        raise TypeError(f"cache: expected the GPTCache of gpt_forward, "
+                        f"got {type(cache).__name__}")
+    config, head = cache.config, cache.lm_head
+    wte = head.weight
+    logits_shape = head.x.shape[:-1] + (config.vocab_size,)
+    if dlogits is None:
+        dlogits = np.zeros(logits_shape, dtype=wte.dtype)
+    else:
+        check_float_array("dlogits", dlogits, shape=logits_shape, dtype=wte.dtype, finite=False)
+    if cache.loss is not None:
+        dlogits = dlogits + cross_entropy_backward(dloss, cache.loss)
+
+    dparams: dict[str, np.ndarray] = {}
+    dx, dwte_head, _ = linear_backward(dlogits, head)
+    dx, dw, db = layer_norm_backward(dx, cache.ln_f)
+    dparams["transformer.ln_f.weight"] = dw
+    if db is not None:
+        dparams["transformer.ln_f.bias"] = db
+    for i in reversed(range(config.n_layer)):
+        dx = _block_backward(dx, cache.blocks[i], f"transformer.h.{i}", config.n_head, dparams)
+    dx = _dropout_back(dx, cache.drop)
+    # wte is used twice, as the lookup table and as the head: its gradient sums both.
+    dparams["transformer.wte.weight"] = embedding_backward(dx, cache.wte) + dwte_head
+    dparams["transformer.wpe.weight"] = embedding_backward(dx.sum(axis=0), cache.wpe)
+    return {name: dparams[name] for name in gpt_param_shapes(config)}
+
+
+class GPT(Module):
+    """A GPT-2-style language model in NumPy, with ``backward``.
+
+    GPT(config, dtype=np.float64, seed=None); params under Hugging Face GPT-2 names
+    (``gpt_param_shapes``), initialised as GPT-2 (``_init_params``).
+    """
+
+    def __init__(self, config: GPTConfig, dtype: Any = np.float64,
+                 seed: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self.rng = np.random.default_rng(seed)
+        self.params = _init_params(config, self.rng, self.dtype)
+        self.zero_grad()
+        self._cache: GPTCache | None = None
+
+    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None,
+                ignore_index: int = -100,
+                dropout_masks: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """ids (B, T) -> (logits (B, T, V), loss or None). Dropout only in training mode,
+        with the given masks or masks drawn from the model's Generator."""
+        config = self.config
+        if not self.training or config.dropout == 0:
+            config, dropout_masks = dataclasses.replace(config, dropout=0.0), None
+        elif dropout_masks is None:
+            check_int_array("ids", ids, shape=("B", "T"))
+            dropout_masks = gpt_dropout_masks(config, ids.shape[0], ids.shape[1], self.rng)
+        (logits, loss), self._cache = gpt_forward(ids, self.params, config, targets,
+                                                  ignore_index, dropout_masks)
+        return logits, loss
+
+    __call__ = forward
+
+    def backward(self, dloss: float | np.ndarray = 1.0,
+                 dlogits: np.ndarray | None = None) -> None:
+        """Fills ``self.grads`` with the gradients of dloss · loss + <logits, dlogits>."""
+        if self._cache is None:
+            raise RuntimeError("backward: call forward first (the cache of the last forward "
+                               "is used once)")
+        cache, self._cache = self._cache, None
+        self.grads = gpt_backward(cache, dlogits, dloss)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """As ``Module.load_state_dict``; a ``GPT2LMHeadModel`` state dict's ``lm_head.weight``
+        is accepted when it equals ``transformer.wte.weight`` (the tied head)."""
+        if isinstance(state_dict, Mapping) and "lm_head.weight" in state_dict:
+            state_dict = dict(state_dict)
+            head = _as_numpy(state_dict.pop("lm_head.weight"))
+            wte = _as_numpy(state_dict.get("transformer.wte.weight"))
+            if wte is None or head.shape != wte.shape or not np.array_equal(head, wte):
+                raise ValueError("state_dict['lm_head.weight']: must equal "
+                                 "'transformer.wte.weight' (this GPT's head is tied to wte)")
+        super().load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"GPT({self.config})"
+
+
+def _as_numpy(value: Any) -> np.ndarray | None:
+    if value is not None and hasattr(value, "detach"):  # a torch tensor, read without torch
+        value = value.detach().cpu().numpy()
+    return None if value is None else np.asarray(value)
