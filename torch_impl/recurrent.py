@@ -223,6 +223,13 @@ class RecurrentCache(NamedTuple):
     valid: Tensor | None            # (T, B, 1) t < lengths[b]
     dropout_masks: list[Tensor] | None
     dropout_scale: float            # 1 / (1 - p), 0 when p == 1
+    out_dtype: torch.dtype          # the caller's dtype; the cache holds the compute dtype
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16 layers compute in float32 (as cuDNN accumulates): T steps of rounding in the
+    state would otherwise compound, and the gradients are sums of cancelling terms."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @torch.no_grad()
@@ -231,6 +238,11 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
     """out (B, T, D*H) and the final states, each (L*D, B, H), over all layers and directions."""
     L, D, _, _, bias = args.layout
     scale = 0.0 if args.dropout == 1 else 1.0 / (1.0 - args.dropout)
+    out_dtype, compute = x.dtype, compute_dtype(x.dtype)
+    if compute != out_dtype:
+        x = x.to(compute)
+        params = {key: p.to(compute) for key, p in params.items()}
+        args = args._replace(states0=tuple(s0.to(compute) for s0 in args.states0))
     inputs, directions = [], []
     finals = [[] for _ in range(cell.num_states)]
     layer_input = x
@@ -255,10 +267,10 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
         layer_input = out
         if k < L - 1 and args.dropout_masks is not None:
             layer_input = out * args.dropout_masks[k] * scale
-    states_n = tuple(torch.stack(final) for final in finals)
+    states_n = tuple(torch.stack(final).to(out_dtype) for final in finals)
     cache = RecurrentCache(cell, params, args.layout, inputs, directions, args.valid,
-                           args.dropout_masks, scale)
-    return (out, states_n), cache
+                           args.dropout_masks, scale, out_dtype)
+    return (out.to(out_dtype), states_n), cache
 
 
 def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Tensor,
@@ -293,6 +305,9 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
     L, D, _, H, bias = cache.layout
     x = cache.inputs[0]
     B, T, _ = x.shape
+    if x.dtype != cache.out_dtype:
+        dout = None if dout is None else dout.to(x.dtype)
+        dstates_n = [None if ds is None else ds.to(x.dtype) for ds in dstates_n]
     dparams = {}
     dstates0 = [x.new_zeros(L * D, B, H) for _ in range(cell.num_states)]
     dlayer_out = dout
@@ -325,8 +340,9 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
         dlayer_out = dx
         if k > 0 and cache.dropout_masks is not None:
             dlayer_out = dx * cache.dropout_masks[k - 1] * cache.dropout_scale
-    dparams = {key: dparams[key] for key in params}
-    return dx, dparams, tuple(dstates0)
+    to_out = cache.out_dtype
+    dparams = {key: dparams[key].to(to_out) for key in params}
+    return (None if dx is None else dx.to(to_out)), dparams, tuple(d.to(to_out) for d in dstates0)
 
 
 def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, ...],
