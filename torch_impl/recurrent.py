@@ -201,7 +201,7 @@ def check_sequence_upstream(cache: RecurrentCache, dout: Tensor | None,
                         f"got {type(cache).__name__}")
     L, D, _, H, _ = cache.layout
     B, T, _ = cache.inputs[0].shape
-    dtype = cache.inputs[0].dtype
+    dtype = cache.out_dtype
     check_upstream("dout", dout, (B, T, D * H), dtype)
     for name, ds in dstates_n.items():
         check_upstream(name, ds, (L * D, B, H), dtype)
