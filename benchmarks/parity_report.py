@@ -6,9 +6,9 @@ gradients in float64 and in float32. The table gives, per layer and config,
 the relative error ``||torch_impl - reference|| / max(||reference||, tiny)``
 (the max over the forward outputs, and the max over all gradients), the
 DESIGN.md budget, PASS/FAIL, and each backend's wall time for one forward +
-backward (best of a few runs). The last rows hold the model classes: the
-reference's explicit ``.backward()`` against torch_impl's autograd through its
-custom Function, both loaded from one state dict.
+backward (best of a few runs). The module rows hold the model classes (RNN,
+LSTM, GRU, GPT): the reference's explicit ``.backward()`` against torch_impl's
+autograd through its custom Functions, both loaded from one state dict.
 
     python -m benchmarks                    # small sizes, seed 0
     python -m benchmarks --sizes medium --seed 3 --out /tmp/report --threads 1
@@ -35,22 +35,30 @@ import torch
 
 import reference
 import reference.activations
+import reference.attention
 import reference.dropout
 import reference.embedding
 import reference.gru
 import reference.linear
 import reference.loss
 import reference.lstm
+import reference.normalization
 import reference.rnn
+import reference.rnn_attention
+import reference.transformer
 import torch_impl
 import torch_impl.activations
+import torch_impl.attention
 import torch_impl.dropout
 import torch_impl.embedding
 import torch_impl.gru
 import torch_impl.linear
 import torch_impl.loss
 import torch_impl.lstm
+import torch_impl.normalization
 import torch_impl.rnn
+import torch_impl.rnn_attention
+import torch_impl.transformer
 from parity_tests.parity import relative_error
 from parity_tests.tolerances import TORCH32_VS_REF64, TORCH64_VS_REF64, Budget
 
@@ -60,19 +68,34 @@ BUDGETS = {"f64": TORCH64_VS_REF64, "f32": TORCH32_VS_REF64}
 
 
 @dataclass(frozen=True)
+class GPTSizes:
+    layers: int
+    heads: int
+    width: int  # n_embd
+    vocab: int
+    steps: int  # T, also the block size
+
+
+@dataclass(frozen=True)
 class Sizes:
     batch: int
-    steps: int
+    steps: int  # T, and Tq of the attention layers
+    memory: int  # Tk of attention over another sequence (cross-attention, an encoder memory)
     input: int
     hidden: int
+    heads: int  # attention heads; they divide hidden
     layers: int
     vocab: int
     classes: int
+    gpt: GPTSizes
 
 
 SIZES = {
-    "small": Sizes(batch=3, steps=5, input=4, hidden=6, layers=2, vocab=11, classes=7),
-    "medium": Sizes(batch=16, steps=32, input=32, hidden=64, layers=2, vocab=1000, classes=500),
+    "small": Sizes(batch=3, steps=5, memory=7, input=4, hidden=6, heads=2, layers=2, vocab=11,
+                   classes=7, gpt=GPTSizes(layers=2, heads=2, width=16, vocab=50, steps=12)),
+    "medium": Sizes(batch=16, steps=32, memory=40, input=32, hidden=64, heads=4, layers=2,
+                    vocab=1000, classes=500,
+                    gpt=GPTSizes(layers=2, heads=4, width=64, vocab=1000, steps=32)),
 }
 
 Arrays = dict[str, Any]  # names -> arrays (reference: ndarray, torch_impl: Tensor), params dicts
@@ -139,12 +162,17 @@ def cell_params(rng: np.random.Generator, gates: int, s: Sizes) -> dict[str, np.
     return uniform_params(rng, shapes, s.hidden)
 
 
-def unequal_lengths(rng: np.random.Generator, s: Sizes) -> np.ndarray:
+def unequal_lengths(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
     """(B,) lengths in 1..T holding both extremes: one full sequence and one of length 1."""
-    lengths = rng.integers(1, s.steps + 1, size=s.batch)
-    lengths[0] = s.steps
+    lengths = rng.integers(1, steps + 1, size=batch)
+    lengths[0] = steps
     lengths[-1] = 1
     return lengths.astype(np.int64)
+
+
+def padding_mask(rng: np.random.Generator, batch: int, keys: int) -> np.ndarray:
+    """(B, Tk) bool key_padding_mask, True = masked out: the tails past ``unequal_lengths``."""
+    return np.arange(keys) >= unequal_lengths(rng, batch, keys)[:, None]
 
 
 def keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> np.ndarray:
@@ -157,15 +185,17 @@ def keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> np.
 # returns (forward outputs, gradients), both keyed by name.
 
 
-def activation_case(rng: np.random.Generator, s: Sizes, name: str) -> Case:
+def activation_case(rng: np.random.Generator, s: Sizes, name: str, **options: Any) -> Case:
+    """``options``: keyword arguments of the forward (gelu's ``approximate``)."""
     x = normal(rng, s.batch, s.steps, s.hidden, scale=2.0)
 
     def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
-        y, cache = getattr(sq.activations, f"{name}_forward")(a["x"])
+        y, cache = getattr(sq.activations, f"{name}_forward")(a["x"], **options)
         dx = getattr(sq.activations, f"{name}_backward")(a["dy"], cache)
         return {"y": y}, {"x": dx}
 
-    return Case("activations", f"{name} x{x.shape}",
+    shown = "".join(f" {k}={v}" for k, v in options.items())
+    return Case("activations", f"{name}{shown} x{x.shape}",
                 {"x": x, "dy": normal(rng, *x.shape)}, run)
 
 
@@ -228,6 +258,19 @@ def dropout_case(rng: np.random.Generator, s: Sizes, p: float) -> Case:
                 {"x": x, "mask": keep_mask(rng, x.shape, p), "dy": normal(rng, *x.shape)}, run)
 
 
+def layer_norm_case(rng: np.random.Generator, s: Sizes) -> Case:
+    x = normal(rng, s.batch, s.steps, s.hidden, scale=2.0) + 1.0  # rows with a non-zero mean
+    inputs = {"x": x, "weight": 1.0 + normal(rng, s.hidden, scale=0.3),
+              "bias": normal(rng, s.hidden, scale=0.3), "dy": normal(rng, *x.shape)}
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        y, cache = sq.normalization.layer_norm_forward(a["x"], a["weight"], a["bias"])
+        dx, dweight, dbias = sq.normalization.layer_norm_backward(a["dy"], cache)
+        return {"y": y}, {"x": dx, "weight": dweight, "bias": dbias}
+
+    return Case("layer_norm", f"x{x.shape} weight, bias eps=1e-5", inputs, run)
+
+
 def recurrent_inputs(rng: np.random.Generator, s: Sizes, gates: int, dropout: float,
                      with_cell: bool) -> Arrays:
     """Bidirectional L-layer inputs, unequal lengths, non-zero initial states, explicit masks."""
@@ -236,7 +279,7 @@ def recurrent_inputs(rng: np.random.Generator, s: Sizes, gates: int, dropout: fl
         "x": normal(rng, s.batch, s.steps, s.input),
         "params": recurrent_params(rng, gates, s, bidirectional=True),
         "h0": normal(rng, *states, scale=0.5),
-        "lengths": unequal_lengths(rng, s),
+        "lengths": unequal_lengths(rng, s.batch, s.steps),
         "dropout_masks": [keep_mask(rng, (s.batch, s.steps, 2 * s.hidden), dropout)
                           for _ in range(s.layers - 1)],
         "dout": normal(rng, s.batch, s.steps, 2 * s.hidden),
@@ -249,11 +292,17 @@ def recurrent_inputs(rng: np.random.Generator, s: Sizes, gates: int, dropout: fl
 
 
 def recurrent_config(s: Sizes, a: Arrays, dropout: float) -> str:
-    lengths = a["lengths"]
-    shown = (",".join(map(str, lengths)) if len(lengths) <= 4
-             else f"{lengths.min()}..{lengths.max()}")
     return (f"L={s.layers} bidir B={s.batch} T={s.steps} I={s.input} H={s.hidden} "
-            f"len={shown} h0!=0 dropout={dropout}")
+            f"len={lengths_text(a['lengths'])} h0!=0 dropout={dropout}")
+
+
+def lengths_text(lengths: np.ndarray) -> str:
+    return (",".join(map(str, lengths)) if len(lengths) <= 4
+            else f"{lengths.min()}..{lengths.max()}")
+
+
+def mask_lengths_text(key_padding_mask: np.ndarray) -> str:
+    return lengths_text((~key_padding_mask).sum(axis=1))
 
 
 def rnn_case(rng: np.random.Generator, s: Sizes, nonlinearity: str, dropout: float) -> Case:
@@ -296,9 +345,27 @@ def gru_case(rng: np.random.Generator, s: Sizes, dropout: float) -> Case:
     return Case("gru", recurrent_config(s, inputs, dropout), inputs, run)
 
 
+def module_autograd(model: torch.nn.Module, forward: Callable[..., tuple[torch.Tensor, ...]],
+                    inputs: dict[str, torch.Tensor], upstream: tuple[torch.Tensor | None, ...]
+                    ) -> tuple[tuple[torch.Tensor, ...], Arrays]:
+    """The torch_impl side of a module row: ``forward(**leaves)`` under autograd (the report
+    times runs under no_grad), then backward from ``upstream`` (one per output; None: no
+    gradient into that output). Returns the outputs and the gradients of ``inputs`` and of
+    every parameter of ``model``."""
+    leaves = {name: t.clone().requires_grad_() for name, t in inputs.items()}
+    with torch.enable_grad():
+        outputs = forward(**leaves)
+        pairs = [(out, grad) for out, grad in zip(outputs, upstream, strict=True)
+                 if grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+    grads = {name: leaf.grad for name, leaf in leaves.items()}
+    grads.update((name, p.grad) for name, p in model.named_parameters())
+    return tuple(out.detach() for out in outputs), grads
+
+
 def module_case(rng: np.random.Generator, s: Sizes, kind: str, dropout: float) -> Case:
-    """The model classes: reference's explicit ``.backward`` against torch_impl's autograd
-    (its custom Function), after loading the same state dict into both."""
+    """The recurrent model classes: reference's explicit ``.backward`` against torch_impl's
+    autograd (its custom Function), after loading the same state dict into both."""
     with_cell = kind == "lstm"
     inputs = recurrent_inputs(rng, s, {"rnn": 1, "lstm": 4, "gru": 3}[kind], dropout, with_cell)
     states, finals = (("h0", "c0"), ("h_n", "c_n")) if with_cell else (("h0",), ("h_n",))
@@ -306,29 +373,27 @@ def module_case(rng: np.random.Generator, s: Sizes, kind: str, dropout: float) -
     def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
         model_class = getattr(getattr(sq, kind), kind.upper())
         sizes = dict(num_layers=s.layers, dropout=dropout, bidirectional=True)
+        upstream = (a["dout"], *(a[f"d{n}"] for n in finals))
         if sq is reference:
             model = model_class(s.input, s.hidden, **sizes)
             model.load_state_dict(a["params"])
             out, final = model.forward(a["x"], *(a[n] for n in states), lengths=a["lengths"],
                                        dropout_masks=a["dropout_masks"])
-            dinputs = model.backward(a["dout"], *(a[f"d{n}"] for n in finals))
-            grads = dict(zip(("x", *states), dinputs, strict=True))
-            param_grads = model.grads
+            outputs = (out, *(final if with_cell else (final,)))
+            dinputs = model.backward(*upstream)
+            grads = {**dict(zip(("x", *states), dinputs, strict=True)), **model.grads}
         else:
             model = model_class(s.input, s.hidden, **sizes, dtype=a["x"].dtype)
             model.load_state_dict(a["params"])
-            leaves = {n: a[n].clone().requires_grad_() for n in ("x", *states)}
-            with torch.enable_grad():
-                out, final = model(leaves["x"], *(leaves[n] for n in states),
-                                   lengths=a["lengths"], dropout_masks=a["dropout_masks"])
-                final_states = final if with_cell else (final,)
-                torch.autograd.backward([out, *final_states],
-                                        [a["dout"], *(a[f"d{n}"] for n in finals)])
-            grads = {n: leaf.grad for n, leaf in leaves.items()}
-            param_grads = {n: p.grad for n, p in model.named_parameters()}
-        outputs = dict(zip(("out", *finals), (out, *(final if with_cell else (final,))),
-                           strict=True))
-        return outputs, {**grads, **param_grads}
+
+            def forward(x: torch.Tensor, **initial: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                out, final = model(x, *initial.values(), lengths=a["lengths"],
+                                   dropout_masks=a["dropout_masks"])
+                return (out, *(final if with_cell else (final,)))
+
+            outputs, grads = module_autograd(model, forward,
+                                             {n: a[n] for n in ("x", *states)}, upstream)
+        return dict(zip(("out", *finals), outputs, strict=True)), grads
 
     return Case(f"{kind.upper()} module", "autograd vs .backward() "
                 + recurrent_config(s, inputs, dropout), inputs, run)
@@ -353,12 +418,205 @@ def cell_case(rng: np.random.Generator, s: Sizes, kind: str) -> Case:
     return Case(f"{kind}_cell", f"B={s.batch} I={s.input} H={s.hidden}", inputs, run)
 
 
+# ---------------------------------------------------------------- attention and GPT
+
+
+def sdp_attention_case(rng: np.random.Generator, s: Sizes, masks: str) -> Case:
+    """Scaled dot-product attention, q (B, h, Tq, d), k (B, h, Tk, d), v (B, h, Tk, dv).
+
+    masks="causal+padding": Tq = Tk, causal, and a key padding mask hiding key 0 of batch
+    item 0 (key 1 stays visible everywhere), so exactly one query row per head, query 0 of that
+    item, sees no key: its output and gradient must be exactly 0.
+    masks="float": Tq != Tk, an additive float attn_mask (B, 1, Tq, Tk) with some -inf (never
+    on key 0), and dropout with an explicit keep-mask.
+    """
+    B, h, tq, d, dv = s.batch, s.heads, s.steps, s.hidden // s.heads, s.input
+    tk = tq if masks == "causal+padding" else s.memory
+    if masks == "causal+padding":
+        key_padding_mask = rng.random((B, tk)) < 0.3
+        key_padding_mask[:, :2] = False
+        key_padding_mask[0, 0] = True
+        options = {"causal": True, "key_padding_mask": key_padding_mask}
+        shown = "causal, key padding leaving one query no key"
+    else:
+        blocked = rng.random((B, 1, tq, tk)) < 0.2
+        blocked[..., 0] = False
+        options = {"attn_mask": np.where(blocked, -np.inf, normal(rng, B, 1, tq, tk)),
+                   "dropout": 0.2, "dropout_mask": keep_mask(rng, (B, h, tq, tk), 0.2)}
+        shown = "float attn_mask (B,1,Tq,Tk) with -inf, dropout=0.2"
+    inputs = {"q": normal(rng, B, h, tq, d), "k": normal(rng, B, h, tk, d),
+              "v": normal(rng, B, h, tk, dv), "options": options,
+              "dout": normal(rng, B, h, tq, dv)}
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        out, cache = sq.attention.scaled_dot_product_attention_forward(
+            a["q"], a["k"], a["v"], **a["options"])
+        dq, dk, dv = sq.attention.scaled_dot_product_attention_backward(a["dout"], cache)
+        return {"out": out}, {"q": dq, "k": dk, "v": dv}
+
+    return Case("sdp_attention", f"B={B} h={h} Tq={tq} Tk={tk} d={d} dv={dv} {shown}",
+                inputs, run)
+
+
+def mha_case(rng: np.random.Generator, s: Sizes, self_attention: bool) -> Case:
+    """Multi-head attention (batch-first, torch.nn.MultiheadAttention's params) with a key
+    padding mask. Self-attention: one input x serves as query, key and value (its gradient is
+    the sum of the three). Cross-attention: over key and value of another length Tk, also
+    returning the head-averaged weights."""
+    B, E, tq = s.batch, s.hidden, s.steps
+    tk = tq if self_attention else s.memory
+    sources = ("x",) if self_attention else ("query", "key", "value")
+    inputs = {name: normal(rng, B, tq if name in ("x", "query") else tk, E) for name in sources}
+    inputs |= {
+        "params": {"in_proj_weight": normal(rng, 3 * E, E, scale=1 / np.sqrt(E)),
+                   "in_proj_bias": normal(rng, 3 * E, scale=0.5),
+                   "out_proj.weight": normal(rng, E, E, scale=1 / np.sqrt(E)),
+                   "out_proj.bias": normal(rng, E, scale=0.5)},
+        "key_padding_mask": padding_mask(rng, B, tk), "dout": normal(rng, B, tq, E)}
+    need_weights = not self_attention
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        query, key, value = (a["x"],) * 3 if self_attention else (a[n] for n in sources)
+        (out, weights), cache = sq.attention.multi_head_attention_forward(
+            query, key, value, a["params"], s.heads, key_padding_mask=a["key_padding_mask"],
+            need_weights=need_weights)
+        dquery, dkey, dvalue, dparams = sq.attention.multi_head_attention_backward(a["dout"],
+                                                                                  cache)
+        grads = ({"x": dquery + dkey + dvalue} if self_attention
+                 else {"query": dquery, "key": dkey, "value": dvalue})
+        outputs = {"out": out} if weights is None else {"out": out, "weights": weights}
+        return outputs, {**grads, **dparams}
+
+    kind = "self" if self_attention else "cross"
+    return Case("multihead_attention",
+                f"{kind} B={B} Tq={tq} Tk={tk} E={E} heads={s.heads} key padding "
+                f"len={mask_lengths_text(inputs['key_padding_mask'])} "
+                f"need_weights={need_weights}", inputs, run)
+
+
+def memory_attention_case(rng: np.random.Generator, s: Sizes, score: str) -> Case:
+    """Attention of decoder states (B, Tq, Dq) over an encoder memory (B, Tk, Dm) with a
+    source padding mask: Bahdanau's (score="additive") or Luong's (dot, general, concat),
+    with upstream gradients on both the context and the weights."""
+    B, tq, tk, Dq, A = s.batch, s.steps, s.memory, s.hidden, s.hidden
+    Dm = Dq if score == "dot" else s.input
+    shapes = {"additive": {"query_proj.weight": (A, Dq), "key_proj.weight": (A, Dm),
+                           "key_proj.bias": (A,), "energy.weight": (1, A)},
+              "dot": {},
+              "general": {"weight": (Dq, Dm)},
+              "concat": {"concat.weight": (A, Dq + Dm), "energy.weight": (1, A)}}[score]
+    inputs = {"query": normal(rng, B, tq, Dq), "memory": normal(rng, B, tk, Dm),
+              "params": {name: normal(rng, *shape, scale=1 / np.sqrt(shape[-1]))
+                         for name, shape in shapes.items()},
+              "mask": padding_mask(rng, B, tk), "dcontext": normal(rng, B, tq, Dm),
+              "dweights": normal(rng, B, tq, tk)}
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        attention = sq.rnn_attention
+        if score == "additive":
+            (context, weights), cache = attention.additive_attention_forward(
+                a["query"], a["memory"], a["params"], a["mask"])
+            backward = attention.additive_attention_backward
+        else:
+            (context, weights), cache = attention.luong_attention_forward(
+                a["query"], a["memory"], a["params"], score, a["mask"])
+            backward = attention.luong_attention_backward
+        dquery, dmemory, dparams = backward(a["dcontext"], cache, a["dweights"])
+        return ({"context": context, "weights": weights},
+                {"query": dquery, "memory": dmemory, **dparams})
+
+    layer = "additive_attention" if score == "additive" else f"luong_attention ({score})"
+    attention_size = f" A={A}" if score in ("additive", "concat") else ""
+    return Case(layer, f"B={B} Tq={tq} Tk={tk} Dq={Dq} Dm={Dm}{attention_size} src_len="
+                f"{mask_lengths_text(inputs['mask'])} dweights", inputs, run)
+
+
+IGNORE_INDEX = -100
+
+
+def gpt_inputs(rng: np.random.Generator, s: Sizes, dropout: float) -> tuple[dict, Arrays]:
+    """(GPTConfig fields, inputs): Hugging Face GPT-2-named params, ids, targets with every
+    fourth one ignore_index, explicit dropout keep-masks and the loss's upstream gradient.
+
+    Matrices are N(0, 1/fan_in) for the axis they contract (a Conv1D weight (in, out): in;
+    wte, also the tied head, and wpe: E), biases and layer-norm weights clearly away from 0 and 1,
+    so that every term shows."""
+    g = s.gpt
+    fields = dict(vocab_size=g.vocab, block_size=g.steps, n_layer=g.layers, n_head=g.heads,
+                  n_embd=g.width, dropout=dropout)
+    config = reference.transformer.GPTConfig(**fields)
+    params = {}
+    for name, shape in reference.transformer.gpt_param_shapes(config).items():
+        if ".ln_" in name and name.endswith(".weight"):
+            params[name] = 1.0 + normal(rng, *shape, scale=0.3)
+        elif name.endswith(".bias"):
+            params[name] = normal(rng, *shape, scale=0.2)
+        else:
+            fan_in = shape[0] if ".c_" in name else shape[1]
+            params[name] = normal(rng, *shape, scale=1 / np.sqrt(fan_in))
+    targets = rng.integers(0, g.vocab, size=(s.batch, g.steps)).astype(np.int64)
+    targets.reshape(-1)[::4] = IGNORE_INDEX
+    return fields, {
+        "ids": rng.integers(0, g.vocab, size=(s.batch, g.steps)).astype(np.int64),
+        "targets": targets, "params": params,
+        "dropout_masks": reference.transformer.gpt_dropout_masks(config, s.batch, g.steps, rng),
+        "dloss": np.array(rng.uniform(0.5, 2.0))}
+
+
+def gpt_config_text(s: Sizes, dropout: float) -> str:
+    g = s.gpt
+    return (f"L={g.layers} heads={g.heads} E={g.width} V={g.vocab} B={s.batch} T={g.steps} "
+            f"ignore=1/4 dropout={dropout}")
+
+
+def gpt_case(rng: np.random.Generator, s: Sizes, dropout: float) -> Case:
+    """gpt_forward/gpt_backward: logits and loss; gradients of dloss · loss for every param."""
+    fields, inputs = gpt_inputs(rng, s, dropout)
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        (logits, loss), cache = sq.transformer.gpt_forward(
+            a["ids"], a["params"], sq.transformer.GPTConfig(**fields), a["targets"],
+            IGNORE_INDEX, a["dropout_masks"])
+        return ({"logits": logits, "loss": loss},
+                sq.transformer.gpt_backward(cache, dloss=a["dloss"]))
+
+    return Case("gpt", gpt_config_text(s, dropout), inputs, run)
+
+
+def gpt_module_case(rng: np.random.Generator, s: Sizes, dropout: float) -> Case:
+    """The GPT class: reference's explicit ``.backward`` against torch_impl's autograd through
+    its Functions, after loading the same state dict into both."""
+    fields, inputs = gpt_inputs(rng, s, dropout)
+
+    def run(sq: Any, a: Arrays) -> tuple[Arrays, Arrays]:
+        config = sq.transformer.GPTConfig(**fields)
+        args = (a["ids"], a["targets"], IGNORE_INDEX, a["dropout_masks"])
+        if sq is reference:
+            model = reference.transformer.GPT(config)
+            model.load_state_dict(a["params"])
+            logits, loss = model.forward(*args)
+            model.backward(a["dloss"])
+            grads = model.grads
+        else:
+            model = torch_impl.transformer.GPT(config,
+                                               dtype=a["params"]["transformer.wte.weight"].dtype)
+            model.load_state_dict(a["params"])
+            (logits, loss), grads = module_autograd(model, lambda: model(*args), {},
+                                                    (None, a["dloss"]))
+        return {"logits": logits, "loss": loss}, grads
+
+    return Case("GPT module", "autograd vs .backward() " + gpt_config_text(s, dropout),
+                inputs, run)
+
+
 def all_cases(seed: int, s: Sizes) -> list[Case]:
     """Every case, each drawing its inputs from its own generator so one case's draws never
     shift another's when cases are added or reordered."""
     makers: list[Callable[[np.random.Generator], Case]] = [
         *(lambda rng, n=n: activation_case(rng, s, n)
           for n in ("sigmoid", "tanh", "relu", "softmax", "log_softmax")),
+        *(lambda rng, a=a: activation_case(rng, s, "gelu", approximate=a)
+          for a in ("none", "tanh")),
         lambda rng: linear_case(rng, s, bias=True),
         lambda rng: linear_case(rng, s, bias=False),
         lambda rng: embedding_case(rng, s),
@@ -366,6 +624,7 @@ def all_cases(seed: int, s: Sizes) -> list[Case]:
         lambda rng: cross_entropy_case(rng, s, "sum", 0.0, flat=True),
         lambda rng: cross_entropy_case(rng, s, "none", 0.2, flat=True),
         lambda rng: dropout_case(rng, s, p=0.3),
+        lambda rng: layer_norm_case(rng, s),
         lambda rng: cell_case(rng, s, "rnn"),
         lambda rng: cell_case(rng, s, "lstm"),
         lambda rng: cell_case(rng, s, "gru"),
@@ -373,7 +632,15 @@ def all_cases(seed: int, s: Sizes) -> list[Case]:
         lambda rng: rnn_case(rng, s, "relu", dropout=0.25),
         lambda rng: lstm_case(rng, s, dropout=0.25),
         lambda rng: gru_case(rng, s, dropout=0.25),
+        lambda rng: sdp_attention_case(rng, s, "causal+padding"),
+        lambda rng: sdp_attention_case(rng, s, "float"),
+        lambda rng: mha_case(rng, s, self_attention=True),
+        lambda rng: mha_case(rng, s, self_attention=False),
+        *(lambda rng, k=k: memory_attention_case(rng, s, k)
+          for k in ("additive", "dot", "general", "concat")),
+        lambda rng: gpt_case(rng, s, dropout=0.1),
         *(lambda rng, k=k: module_case(rng, s, k, dropout=0.25) for k in ("rnn", "lstm", "gru")),
+        lambda rng: gpt_module_case(rng, s, dropout=0.1),
     ]
     return [make(np.random.default_rng([seed, i])) for i, make in enumerate(makers)]
 
