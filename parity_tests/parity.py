@@ -44,9 +44,11 @@ def assert_close(actual: Any, expected: Any, budget: float, name: str = "tensor"
     err = relative_error(a, b)
     if not err <= budget:
         diff = np.abs(a - b)
-        idx = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape)) if diff.size else ()
+        idx = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape)) \
+            if diff.size else ()
         raise AssertionError(
-            f"{name}: relative error {err:.3e} > budget {budget:.1e}; shape {a.shape}; worst element "
+            f"{name}: relative error {err:.3e} > budget {budget:.1e}; shape {a.shape}; "
+            f"worst element "
             f"at {idx}: actual {a[idx]!r} expected {b[idx]!r} (|diff| {diff[idx]:.3e})")
     return err
 
@@ -55,6 +57,7 @@ def assert_all_close(actual: Mapping[str, Any], expected: Mapping[str, Any], bud
                      name: str = "") -> dict[str, float]:
     """``assert_close`` over two dicts with the same keys (e.g. parameter gradients)."""
     if set(actual) != set(expected):
-        raise AssertionError(f"{name}: keys differ: only actual {sorted(set(actual) - set(expected))},"
+        only_actual = sorted(set(actual) - set(expected))
+        raise AssertionError(f"{name}: keys differ: only actual {only_actual},"
                              f" only expected {sorted(set(expected) - set(actual))}")
     return {k: assert_close(actual[k], expected[k], budget, f"{name}{k}") for k in sorted(expected)}

@@ -19,13 +19,25 @@ from hypothesis import strategies as st
 import reference.attention as ref
 import torch_impl.attention as tim
 from parity_tests.parity import assert_close, to_numpy
-from parity_tests.strategies_attention import (AttentionConfig, AttentionInputs, MaskConfig,
-                                               MHAConfig, MHAInputs, attention_configs,
-                                               build_attention_inputs, build_mha_inputs,
-                                               masked_keys, mha_configs)
+from parity_tests.strategies_attention import (
+    AttentionConfig,
+    AttentionInputs,
+    MaskConfig,
+    MHAConfig,
+    MHAInputs,
+    attention_configs,
+    build_attention_inputs,
+    build_mha_inputs,
+    masked_keys,
+    mha_configs,
+)
 from parity_tests.strategies_blocks import float32_exact, to_torch
-from parity_tests.tolerances import (REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64,
-                                     TORCHNN64_VS_OURS64)
+from parity_tests.tolerances import (
+    REF_VS_FINITE_DIFF,
+    TORCH32_VS_REF64,
+    TORCH64_VS_REF64,
+    TORCHNN64_VS_OURS64,
+)
 from reference.gradcheck import gradcheck
 
 # ----------------------------------------------------------------------------- edge cases

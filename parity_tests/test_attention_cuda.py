@@ -14,16 +14,23 @@ from hypothesis import example, given
 
 import torch_impl.attention as tim
 
-from .strategies_attention import AttentionConfig, MaskConfig, attention_configs, \
-    build_attention_inputs
-from .test_attention import (FLOAT32_CONDITION_LIMIT, assert_attention_close,
-                             float32_exact_attention, run_reference_attention_with_condition)
+from .strategies_attention import (
+    AttentionConfig,
+    MaskConfig,
+    attention_configs,
+    build_attention_inputs,
+)
+from .test_attention import (
+    FLOAT32_CONDITION_LIMIT,
+    assert_attention_close,
+    float32_exact_attention,
+    run_reference_attention_with_condition,
+)
 from .tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA device (#3: attention runs unchanged on CUDA)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#3: attention)"),
 ]
 
 DECODER_STEP = AttentionConfig(2, 3, 1, 6, 4, 4, MaskConfig(key_padding=True, causal=True))

@@ -17,8 +17,12 @@ import reference.dropout as ref
 import torch_impl.dropout as tim
 from parity_tests.parity import assert_close
 from parity_tests.strategies_blocks import float32_exact, normal_arrays, seeds, shapes, to_torch
-from parity_tests.tolerances import (REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64,
-                                     TORCHNN64_VS_OURS64)
+from parity_tests.tolerances import (
+    REF_VS_FINITE_DIFF,
+    TORCH32_VS_REF64,
+    TORCH64_VS_REF64,
+    TORCHNN64_VS_OURS64,
+)
 from reference.gradcheck import gradcheck
 
 probabilities = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 0.95)

@@ -15,8 +15,12 @@ import reference.linear as ref
 import torch_impl.linear as tim
 from parity_tests.parity import assert_close
 from parity_tests.strategies_blocks import float32_exact, normal_arrays, shapes, sizes, to_torch
-from parity_tests.tolerances import (REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64,
-                                     TORCHNN64_VS_OURS64)
+from parity_tests.tolerances import (
+    REF_VS_FINITE_DIFF,
+    TORCH32_VS_REF64,
+    TORCH64_VS_REF64,
+    TORCHNN64_VS_OURS64,
+)
 from reference.gradcheck import gradcheck
 
 

@@ -19,17 +19,45 @@ from hypothesis import strategies as st
 from reference.gradcheck import gradcheck
 
 from .parity import assert_all_close, assert_close, to_numpy
-from .recurrent_runners import (RecurrentRun, assert_cell_runs_close, assert_runs_close,
-                                cell_pair, functional_pair, layer_class, nonlinearity_kwargs,
-                                reference_functional, reference_module, run_backend, run_cell,
-                                torch_impl_functional, torch_impl_module, torch_nn, torch_nn_cell,
-                                torch_nn_class)
-from .strategies import (RECURRENT_KINDS, CellConfig, RecurrentConfig, RecurrentInputs,
-                         away_from_zero, cell_configs, float32_configs, make_cell_inputs,
-                         make_recurrent_inputs, num_states, recurrent_configs,
-                         tiny_recurrent_configs)
-from .tolerances import (FLOAT64_REORDERED, REF_VS_FINITE_DIFF, TORCH32_VS_REF64,
-                         TORCH64_VS_REF64, TORCHNN64_VS_OURS64)
+from .recurrent_runners import (
+    RecurrentRun,
+    assert_cell_runs_close,
+    assert_runs_close,
+    cell_pair,
+    functional_pair,
+    layer_class,
+    nonlinearity_kwargs,
+    reference_functional,
+    reference_module,
+    run_backend,
+    run_cell,
+    torch_impl_functional,
+    torch_impl_module,
+    torch_nn,
+    torch_nn_cell,
+    torch_nn_class,
+)
+from .strategies import (
+    RECURRENT_KINDS,
+    CellConfig,
+    RecurrentConfig,
+    RecurrentInputs,
+    away_from_zero,
+    cell_configs,
+    float32_configs,
+    make_cell_inputs,
+    make_recurrent_inputs,
+    num_states,
+    recurrent_configs,
+    tiny_recurrent_configs,
+)
+from .tolerances import (
+    FLOAT64_REORDERED,
+    REF_VS_FINITE_DIFF,
+    TORCH32_VS_REF64,
+    TORCH64_VS_REF64,
+    TORCHNN64_VS_OURS64,
+)
 
 pytestmark = pytest.mark.parametrize("kind", RECURRENT_KINDS)
 BACKENDS = pytest.mark.parametrize("backend", ["reference", "torch_impl"])
@@ -363,8 +391,7 @@ def test_dropout_equals_running_layer_by_layer_with_the_masks(backend: str, kind
 
 # ----------------------------------------------------------------------------- CUDA
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
-                          reason="needs a CUDA device (#2: torch_impl runs unchanged on CUDA)")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#2: torch_impl)")
 
 
 @pytest.mark.gpu

@@ -14,8 +14,13 @@ import pytest
 import torch
 
 from .recurrent_runners import cell_pair, functional_pair, layer_class, nonlinearity_kwargs
-from .strategies import (RECURRENT_KINDS, CellConfig, RecurrentConfig, make_cell_inputs,
-                         make_recurrent_inputs)
+from .strategies import (
+    RECURRENT_KINDS,
+    CellConfig,
+    RecurrentConfig,
+    make_cell_inputs,
+    make_recurrent_inputs,
+)
 
 BACKENDS = pytest.mark.parametrize("backend", ["reference", "torch_impl"])
 KINDS = pytest.mark.parametrize("kind", RECURRENT_KINDS)

@@ -22,15 +22,18 @@ import torch
 from hypothesis import given
 
 from .parity import assert_close
-from .recurrent_runners import (assert_runs_close, reference_functional, torch_impl_functional,
-                                torch_impl_module)
+from .recurrent_runners import (
+    assert_runs_close,
+    reference_functional,
+    torch_impl_functional,
+    torch_impl_module,
+)
 from .strategies import RECURRENT_KINDS, RecurrentInputs, float32_configs, make_recurrent_inputs
 from .tolerances import LOWP_CUDA_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA device (#2: bf16/fp16 run on CUDA only)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#2: bf16/fp16)"),
     pytest.mark.parametrize("kind", RECURRENT_KINDS),
     pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"]),
 ]

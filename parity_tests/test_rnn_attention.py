@@ -30,8 +30,13 @@ from reference.gradcheck import gradcheck
 
 from .parity import assert_all_close, assert_close, to_numpy
 from .strategies_blocks import float32_exact, seeds, sizes
-from .tolerances import (FLOAT64_REORDERED, REF_VS_FINITE_DIFF, TORCH32_VS_REF64,
-                         TORCH64_VS_REF64, TORCHNN64_VS_OURS64)
+from .tolerances import (
+    FLOAT64_REORDERED,
+    REF_VS_FINITE_DIFF,
+    TORCH32_VS_REF64,
+    TORCH64_VS_REF64,
+    TORCHNN64_VS_OURS64,
+)
 
 KINDS = ("additive", "dot", "general", "concat")
 KIND = pytest.mark.parametrize("kind", KINDS)

@@ -23,10 +23,15 @@ from reference.gradcheck import numerical_gradients
 
 from .parity import assert_all_close, assert_close, relative_error, to_numpy
 from .strategies_blocks import float32_exact, to_torch
-from .strategies_transformer import (GPTCase, GPTInputs, gpt_cases, hf_gpt_cases,
-                                     make_gpt_inputs, tiny_gpt_cases)
-from .tolerances import (REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64,
-                         TORCHNN64_VS_OURS64)
+from .strategies_transformer import (
+    GPTCase,
+    GPTInputs,
+    gpt_cases,
+    hf_gpt_cases,
+    make_gpt_inputs,
+    tiny_gpt_cases,
+)
+from .tolerances import REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64, TORCHNN64_VS_OURS64
 
 # Edge cases every property also runs.
 ONE_TOKEN = GPTCase(vocab_size=3, block_size=1, n_layer=1, n_head=1, n_embd=4, batch=1, steps=1,

@@ -21,8 +21,7 @@ from .tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="needs a CUDA device (#3: GPT in float32/bf16 on CUDA)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#3: GPT)"),
 ]
 BUDGETS = {torch.float32: TORCH32_VS_REF64, torch.bfloat16: LOWP_CUDA_VS_REF64}
 

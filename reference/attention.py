@@ -42,8 +42,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from .checks import (check_float_array, check_positive_int, check_probability, check_shape,
-                     shape_str)
+from .checks import check_float_array, check_positive_int, check_probability, check_shape, shape_str
 from .linear import LinearCache, linear_backward, linear_forward
 from .module import Module
 

@@ -39,7 +39,8 @@ def check_float_array(name: str, x: object, shape: Sequence[object] | None = Non
         check_shape(name, x.shape, shape)
     if finite and not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))[0]
-        raise ValueError(f"{name}: contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
+        first = tuple(int(i) for i in bad)
+        raise ValueError(f"{name}: contains NaN or inf (first at index {first})")
     return x
 
 

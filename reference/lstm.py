@@ -19,8 +19,18 @@ from typing import NamedTuple
 import numpy as np
 
 from .activations import sigmoid
-from .recurrent import (Cell, CellCache, RecurrentModule, StackCache, cell_backward, cell_forward,
-                        check_cell_inputs, check_sequence_inputs, stack_backward, stack_forward)
+from .recurrent import (
+    Cell,
+    CellCache,
+    RecurrentModule,
+    StackCache,
+    cell_backward,
+    cell_forward,
+    check_cell_inputs,
+    check_sequence_inputs,
+    stack_backward,
+    stack_forward,
+)
 
 
 class LSTMStepCache(NamedTuple):

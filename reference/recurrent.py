@@ -27,8 +27,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .checks import (check_float_array, check_lengths, check_positive_int, check_probability,
-                     check_shape)
+from .checks import (
+    check_float_array,
+    check_lengths,
+    check_positive_int,
+    check_probability,
+    check_shape,
+)
 from .module import Module
 
 State = tuple  # (h,) for RNN and GRU, (h, c) for LSTM

@@ -10,8 +10,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .recurrent import (Cell, CellCache, RecurrentModule, StackCache, cell_backward, cell_forward,
-                        check_cell_inputs, check_sequence_inputs, stack_backward, stack_forward)
+from .recurrent import (
+    Cell,
+    CellCache,
+    RecurrentModule,
+    StackCache,
+    cell_backward,
+    cell_forward,
+    check_cell_inputs,
+    check_sequence_inputs,
+    stack_backward,
+    stack_forward,
+)
 
 NONLINEARITIES = ("tanh", "relu")
 

@@ -30,10 +30,18 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from .activations import GeluCache, gelu_backward, gelu_forward
-from .attention import (AttentionCache, scaled_dot_product_attention_backward,
-                        scaled_dot_product_attention_forward)
-from .checks import (check_float_array, check_int_array, check_positive_int, check_probability,
-                     shape_str)
+from .attention import (
+    AttentionCache,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_forward,
+)
+from .checks import (
+    check_float_array,
+    check_int_array,
+    check_positive_int,
+    check_probability,
+    shape_str,
+)
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .linear import LinearCache, linear_backward, linear_forward

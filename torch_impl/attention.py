@@ -51,8 +51,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .checks import (_tracing, check_float_tensor, check_positive_int, check_probability,
-                     check_shape, shape_str)
+from .checks import (
+    _tracing,
+    check_float_tensor,
+    check_positive_int,
+    check_probability,
+    check_shape,
+    shape_str,
+)
 from .linear import LinearCache, linear_backward, linear_forward
 
 BLOCK_K = 128  # keys per block: (Tq, 128) score tiles at a time

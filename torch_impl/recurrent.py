@@ -359,7 +359,8 @@ def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, .
         dgates_x[t], dgates_h[t], dstate_prev = cell.step_backward(dstate_new, cache.steps[t],
                                                                     w_hh)
         if valid is not None:
-            dstate_prev = tuple(torch.where(valid[t], dp, ds) for dp, ds in zip(dstate_prev, dstate))
+            dstate_prev = tuple(torch.where(valid[t], dp, ds)
+                                for dp, ds in zip(dstate_prev, dstate))
         dstate = dstate_prev
     dgates_x_seq = torch.stack(dgates_x, dim=1)
     dgates_h_seq = torch.stack(dgates_h, dim=1) if cell.separate_dgates_h else dgates_x_seq

@@ -34,17 +34,29 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .activations import GeluCache, GeluFunction, gelu_backward, gelu_forward
-from .attention import (AttentionCache, scaled_dot_product_attention,
-                        scaled_dot_product_attention_backward,
-                        scaled_dot_product_attention_forward)
-from .checks import (check_float_tensor, check_int_tensor, check_positive_int, check_probability,
-                     shape_str)
+from .attention import (
+    AttentionCache,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_forward,
+)
+from .checks import (
+    check_float_tensor,
+    check_int_tensor,
+    check_positive_int,
+    check_probability,
+    shape_str,
+)
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
-from .normalization import (LayerNormCache, LayerNormFunction, layer_norm_backward,
-                            layer_norm_forward)
+from .normalization import (
+    LayerNormCache,
+    LayerNormFunction,
+    layer_norm_backward,
+    layer_norm_forward,
+)
 
 INIT_STD = 0.02  # GPT-2's initializer_range
 
