@@ -45,6 +45,7 @@ from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
 from .normalization import layer_norm_backward, layer_norm_forward
+from .optim import SGD, Adam, AdamW, clip_grad_norm, cosine_schedule
 from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
 from .rnn_attention import (
     AdditiveAttention,
@@ -135,4 +136,10 @@ __all__ = [
     "gpt_dropout_masks",
     "load_gpt2",
     "save_gpt2",
+    # optimizers
+    "SGD",
+    "Adam",
+    "AdamW",
+    "clip_grad_norm",
+    "cosine_schedule",
 ]
