@@ -36,6 +36,15 @@ from .attention import (
     scaled_dot_product_attention_backward,
     scaled_dot_product_attention_forward,
 )
+from .decoding import (
+    BeamResult,
+    DecodeResult,
+    beam_search,
+    greedy_decode,
+    sample_decode,
+    sample_tokens,
+    select_rows,
+)
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import embedding_backward, embedding_forward
 from .gpt2 import load_gpt2, save_gpt2
@@ -142,4 +151,12 @@ __all__ = [
     "AdamW",
     "clip_grad_norm",
     "cosine_schedule",
+    # decoding
+    "DecodeResult",
+    "BeamResult",
+    "select_rows",
+    "greedy_decode",
+    "sample_decode",
+    "sample_tokens",
+    "beam_search",
 ]
