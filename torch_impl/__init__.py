@@ -50,6 +50,7 @@ from .embedding import embedding_backward, embedding_forward
 from .gpt2 import load_gpt2, save_gpt2
 from .gradcheck import gradcheck, numerical_gradients
 from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
+from .language_model import RNNLM, rnn_lm_backward, rnn_lm_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
@@ -159,4 +160,8 @@ __all__ = [
     "sample_decode",
     "sample_tokens",
     "beam_search",
+    # language models
+    "rnn_lm_forward",
+    "rnn_lm_backward",
+    "RNNLM",
 ]
