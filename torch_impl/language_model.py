@@ -34,11 +34,15 @@ from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .gru import GRU, gru_backward, gru_forward
 from .linear import LinearCache, linear_backward, linear_forward
-from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from .loss import (
+    CrossEntropyCache,
+    CrossEntropyFunction,
+    cross_entropy_backward,
+    cross_entropy_forward,
+)
 from .lstm import LSTM, lstm_backward, lstm_forward
 from .recurrent import RecurrentCache
 from .rnn import RNN, rnn_backward, rnn_forward
-from .transformer import _MeanCrossEntropy
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 DROPOUT_KEYS = ("embedding", "rnn", "output")
@@ -328,7 +332,7 @@ class RNNLM(nn.Module):
         if targets is not None:
             if valid is not None:
                 targets = torch.where(valid, targets, ignore_index)
-            loss = _MeanCrossEntropy.apply(logits, targets, ignore_index)
+            loss = CrossEntropyFunction.apply(logits, targets, ignore_index)
         return logits, loss, tuple(state_n)
 
     # ------------------------------------------------------------------------- generation

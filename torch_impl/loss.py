@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .checks import check_float_tensor, check_probability, shape_str
 
@@ -135,3 +136,20 @@ def cross_entropy_backward(dloss: torch.Tensor | float, cache: CrossEntropyCache
         dlogits.scatter_add_(-1, index, dlogits.new_full(index.shape, eps))
     dlogits *= row_scale.unsqueeze(-1)
     return dlogits.to(logits.dtype)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """loss = cross_entropy(logits, targets, "mean", ignore_index) with the hand-written
+    backward above (its validation and its 0-when-all-ignored mean included); the models'
+    autograd entry to the loss."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        loss, cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
+        ctx.cache = cache
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        return cross_entropy_backward(dloss, ctx.cache), None, None

@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .activations import GeluCache, GeluFunction, gelu_backward, gelu_forward
 from .attention import (
@@ -50,7 +49,12 @@ from .checks import (
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .linear import LinearCache, linear_backward, linear_forward
-from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from .loss import (
+    CrossEntropyCache,
+    CrossEntropyFunction,
+    cross_entropy_backward,
+    cross_entropy_forward,
+)
 from .normalization import (
     LayerNormCache,
     LayerNormFunction,
@@ -418,22 +422,6 @@ def gpt_backward(cache: GPTCache, dlogits: Tensor | None = None,
 
 # ----------------------------------------------------------------------------- module
 
-class _MeanCrossEntropy(torch.autograd.Function):
-    """loss = cross_entropy(logits, targets, "mean", ignore_index) with the hand-written
-    backward of loss.py (its validation and its 0-when-all-ignored mean included)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        loss, cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
-        ctx.cache = cache
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        return cross_entropy_backward(dloss, ctx.cache), None, None
-
-
 class _Conv1D(nn.Module):
     """GPT-2's Conv1D: y = x W + b with W (in, out)."""
 
@@ -562,7 +550,7 @@ class GPT(nn.Module):
         logits = transformer.ln_f(x) @ transformer.wte.weight.t()  # head tied to wte
         loss = None
         if targets is not None:
-            loss = _MeanCrossEntropy.apply(logits, targets, ignore_index)
+            loss = CrossEntropyFunction.apply(logits, targets, ignore_index)
         return logits, loss
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
