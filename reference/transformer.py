@@ -19,6 +19,10 @@ The backward runs the same chain in reverse, each step the backward of the build
 made it (linear, layer norm, gelu, attention, dropout, embedding, cross-entropy); the residual
 stream adds the gradient of each branch to the gradient flowing past it, and wte's gradient is
 the sum of its two uses (the lookup and the head).
+Generation (``GPT.init_state`` / ``prefill`` / ``step``, for the decoders): a step at position t
+feeds one token per row, x = wte[token] + wpe[t]; with the KV cache each block computes only the
+new q, k, v, appends k, v to the layer's cache (B, h, t + 1, d) and lets q attend over all of it
+(the causal mask aligned bottom-right); without it the forward reruns on the prefix (B, t + 1).
 """
 
 from __future__ import annotations
@@ -173,6 +177,14 @@ class GPTCache(NamedTuple):
     loss: CrossEntropyCache | None   # cross_entropy(logits, targets); None without targets
 
 
+class GPTState(NamedTuple):
+    """The decoding state of ``GPT.step``; batch on axis 0 of every array (``select_rows``)."""
+    keys: tuple[np.ndarray, ...] | None    # per layer, k of positions 0..t-1 (B, h, t, d)
+    values: tuple[np.ndarray, ...] | None  # per layer, v of positions 0..t-1 (B, h, t, d)
+    ids: np.ndarray | None                 # without the KV cache: the tokens so far (B, t)
+    position: int                          # t, the number of tokens seen
+
+
 # ----------------------------------------------------------------------------- Conv1D
 
 def _conv1d_forward(x: np.ndarray, weight: np.ndarray,
@@ -201,9 +213,14 @@ def _dropout_back(dy: np.ndarray, cache: DropoutCache | None) -> np.ndarray:
 # ----------------------------------------------------------------------------- block
 
 def _block_forward(x: np.ndarray, params: Mapping[str, np.ndarray], prefix: str,
-                   config: GPTConfig, masks: Mapping[str, np.ndarray] | None
+                   config: GPTConfig, masks: Mapping[str, np.ndarray] | None,
+                   past: tuple[np.ndarray, np.ndarray] | None = None
                    ) -> tuple[np.ndarray, BlockCache]:
-    """x + attn(LN_1(x)), then + mlp(LN_2(.)) for x (B, T, E)."""
+    """x + attn(LN_1(x)), then + mlp(LN_2(.)) for x (B, T, E).
+
+    past: the keys and values (B, h, t, d) of t earlier positions (a KV cache): the T queries
+    attend over [past; new] (B, h, t + T, d), kept in the cache's ``attn.k`` / ``attn.v``.
+    """
     B, T, E = x.shape
     nh, eps, p = config.n_head, config.layer_norm_epsilon, config.dropout
 
@@ -214,6 +231,9 @@ def _block_forward(x: np.ndarray, params: Mapping[str, np.ndarray], prefix: str,
     qkv, c_attn = _conv1d_forward(h, param("attn.c_attn.weight"), param("attn.c_attn.bias"))
     # (B, T, 3E) -> three (B, nh, T, d) tensors: heads become a batch axis of the attention.
     q, k, v = qkv.reshape(B, T, 3, nh, E // nh).transpose(2, 0, 3, 1, 4)
+    if past is not None:
+        k, v = np.concatenate([past[0], k], axis=2), np.concatenate([past[1], v], axis=2)
+    # causal is aligned bottom-right: query i (position t + i) sees keys 0..t + i
     attn_keep = None if masks is None else masks[f"{prefix}.attn.attn_dropout"]
     a, attn = scaled_dot_product_attention_forward(q, k, v, causal=True,
                                                    dropout=p, dropout_mask=attn_keep)
@@ -342,14 +362,26 @@ def gpt_forward(ids: np.ndarray, params: Mapping[str, np.ndarray], config: GPTCo
     if targets is not None:
         check_int_array("targets", targets, shape=(B, T))
     _check_dropout_masks(dropout_masks, config, B, T)
+    return _gpt_forward(ids, params, config, targets, ignore_index, dropout_masks)
+
+
+def _gpt_forward(ids: np.ndarray, params: Mapping[str, np.ndarray], config: GPTConfig,
+                 targets: np.ndarray | None = None, ignore_index: int = -100,
+                 dropout_masks: Mapping[str, np.ndarray] | None = None, start: int = 0,
+                 past: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
+                 ) -> tuple[tuple[np.ndarray, np.ndarray | None], GPTCache]:
+    """gpt_forward on trusted inputs, for ids at positions start..start+T-1 after the per-layer
+    keys and values ``past`` of positions 0..start-1 (None: start = 0, no past)."""
+    T = ids.shape[1]
     p, eps = config.dropout, config.layer_norm_epsilon
 
     tok, wte = embedding_forward(ids, params["transformer.wte.weight"])
-    pos, wpe = embedding_forward(np.arange(T), params["transformer.wpe.weight"])
+    pos, wpe = embedding_forward(np.arange(start, start + T), params["transformer.wpe.weight"])
     x, drop = _dropout(tok + pos, p, dropout_masks, "transformer.drop")
     blocks = []
     for i in range(config.n_layer):
-        x, block = _block_forward(x, params, f"transformer.h.{i}", config, dropout_masks)
+        x, block = _block_forward(x, params, f"transformer.h.{i}", config, dropout_masks,
+                                  None if past is None else past[i])
         blocks.append(block)
     x, ln_f = layer_norm_forward(x, params["transformer.ln_f.weight"],
                                  params.get("transformer.ln_f.bias"), eps)
@@ -443,6 +475,58 @@ class GPT(Module):
                                "is used once)")
         cache, self._cache = self._cache, None
         self.grads = gpt_backward(cache, dlogits, dloss)
+
+    # ------------------------------------------------------------------------- generation
+    # A decoder feeds its ``bos`` first. To continue a prompt (B, P), P >= 2:
+    #     _, state = model.prefill(prompt[:, :-1])
+    #     greedy_decode(model.step, state, prompt[:, -1], max_new_tokens)
+    # (P = 1: state = model.init_state(B), bos = prompt[:, 0]). Steps never use dropout.
+
+    def init_state(self, batch_size: int, kv_cache: bool = True) -> GPTState:
+        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0)."""
+        B = check_positive_int("batch_size", batch_size)
+        if not kv_cache:
+            return GPTState(None, None, np.zeros((B, 0), dtype=np.int64), 0)
+        nh, E = self.config.n_head, self.config.n_embd
+        empty = tuple(np.zeros((B, nh, 0, E // nh), dtype=self.dtype)
+                      for _ in range(self.config.n_layer))
+        return GPTState(empty, empty, None, 0)
+
+    def prefill(self, ids: np.ndarray, kv_cache: bool = True) -> tuple[np.ndarray, GPTState]:
+        """One forward over ids (B, T) -> (logits (B, T, V), the state after those T tokens)."""
+        config = dataclasses.replace(self.config, dropout=0.0)
+        T = _check_ids(ids, config)[1]
+        (logits, _), cache = _gpt_forward(ids, self.params, config)
+        if not kv_cache:
+            return logits, GPTState(None, None, ids.astype(np.int64), T)
+        return logits, GPTState(tuple(block.attn.k for block in cache.blocks),
+                                tuple(block.attn.v for block in cache.blocks), None, T)
+
+    def step(self, tokens: np.ndarray, state: GPTState) -> tuple[np.ndarray, GPTState]:
+        """tokens int (B,) at position t = state.position -> (logits (B, V), state at t + 1).
+
+        With the KV cache only the new token's q, k, v are computed, its k, v appended to the
+        cache, and its query attends over all t + 1 keys; without it, the forward reruns on
+        the whole prefix (B, t + 1) and the last position's logits are returned.
+        """
+        config = dataclasses.replace(self.config, dropout=0.0)
+        if not isinstance(state, GPTState):
+            raise TypeError(f"state: expected the GPTState of init_state or prefill, "
+                            f"got {type(state).__name__}")
+        rows = state.ids if state.keys is None else state.keys[0]
+        check_int_array("tokens", tokens, shape=(rows.shape[0],), low=0, high=config.vocab_size)
+        t = state.position
+        if t >= config.block_size:
+            raise ValueError(f"tokens: position {t} is past the context, config.block_size = "
+                             f"{config.block_size} (the state has seen {t} tokens)")
+        if state.keys is None:
+            ids = np.concatenate([state.ids, tokens[:, None].astype(np.int64)], axis=1)
+            (logits, _), _ = _gpt_forward(ids, self.params, config)
+            return logits[:, -1], GPTState(None, None, ids, t + 1)
+        (logits, _), cache = _gpt_forward(tokens[:, None], self.params, config, start=t,
+                                          past=tuple(zip(state.keys, state.values)))
+        return logits[:, 0], GPTState(tuple(block.attn.k for block in cache.blocks),
+                                      tuple(block.attn.v for block in cache.blocks), None, t + 1)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """As ``Module.load_state_dict``; a ``GPT2LMHeadModel`` state dict's ``lm_head.weight``

@@ -20,6 +20,10 @@ backward runs the chain in reverse, the residual stream adding each branch's gra
 flowing past it, and wte's gradient summing its two uses. The ``GPT`` module computes the same
 function under autograd: attention, layer norm, gelu and the loss go through their autograd
 Functions (hand-written backwards), the Conv1D projections and lookups are plain torch ops.
+Generation (``GPT.init_state`` / ``prefill`` / ``step``, for the decoders): a step at position t
+feeds one token per row, x = wte[token] + wpe[t]; with the KV cache each block computes only the
+new q, k, v, appends k, v to the layer's cache (B, h, t + 1, d) and lets q attend over all of it
+(the causal mask aligned bottom-right); without it the forward reruns on the prefix (B, t + 1).
 """
 
 from __future__ import annotations
@@ -256,6 +260,14 @@ class GPTCache(NamedTuple):
     loss: CrossEntropyCache | None   # cross_entropy(logits, targets); None without targets
 
 
+class GPTState(NamedTuple):
+    """The decoding state of ``GPT.step``; batch on dim 0 of every tensor (``select_rows``)."""
+    keys: tuple[Tensor, ...] | None    # per layer, k of positions 0..t-1 (B, h, t, d)
+    values: tuple[Tensor, ...] | None  # per layer, v of positions 0..t-1 (B, h, t, d)
+    ids: Tensor | None                 # without the KV cache: the tokens so far (B, t)
+    position: int                      # t, the number of tokens seen
+
+
 # ----------------------------------------------------------------------------- functional
 
 def _conv1d_forward(x: Tensor, weight: Tensor,
@@ -461,16 +473,21 @@ class _Attention(nn.Module):
         self.c_attn = _Conv1D(E, 3 * E, config.bias, factory)
         self.c_proj = _Conv1D(E, E, config.bias, factory)
 
-    def forward(self, x: Tensor, p: float, masks: Mapping[str, Tensor] | None,
-                prefix: str) -> Tensor:
+    def forward(self, x: Tensor, p: float, masks: Mapping[str, Tensor] | None, prefix: str,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(output, (k, v)); with past (k, v) (B, h, t, d) of earlier positions the T queries
+        attend over [past; new] keys (B, h, t + T, d), which are returned for the KV cache."""
         B, T, E = x.shape
         q, k, v = self.c_attn(x).reshape(B, T, 3, self.n_head, E // self.n_head) \
             .permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         attn_keep = None if masks is None else masks[f"{prefix}.attn_dropout"]
+        # causal is aligned bottom-right: query i (position t + i) sees keys 0..t + i
         a = scaled_dot_product_attention(q, k, v, causal=True, dropout=p,
                                          dropout_mask=attn_keep)
         a = self.c_proj(a.transpose(1, 2).reshape(B, T, E))
-        return _drop(a, p, masks, f"{prefix}.resid_dropout")
+        return _drop(a, p, masks, f"{prefix}.resid_dropout"), (k, v)
 
 
 class _MLP(nn.Module):
@@ -495,10 +512,11 @@ class _Block(nn.Module):
         self.ln_2 = _LayerNorm(E, eps, config.bias, factory)
         self.mlp = _MLP(config, factory)
 
-    def forward(self, x: Tensor, p: float, masks: Mapping[str, Tensor] | None,
-                prefix: str) -> Tensor:
-        x = x + self.attn(self.ln_1(x), p, masks, f"{prefix}.attn")
-        return x + self.mlp(self.ln_2(x), p, masks, f"{prefix}.mlp")
+    def forward(self, x: Tensor, p: float, masks: Mapping[str, Tensor] | None, prefix: str,
+                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, kv = self.attn(self.ln_1(x), p, masks, f"{prefix}.attn", past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x), p, masks, f"{prefix}.mlp"), kv
 
 
 class GPT(nn.Module):
@@ -541,17 +559,83 @@ class GPT(nn.Module):
                              for name, shape in gpt_dropout_mask_shapes(config, B, T).items()}
         else:
             _check_dropout_masks(dropout_masks, config, B, T)
-        transformer = self.transformer
-        positions = torch.arange(T, device=ids.device)
-        x = _drop(transformer.wte(ids) + transformer.wpe(positions), p, dropout_masks,
-                  "transformer.drop")
-        for i, block in enumerate(transformer.h):
-            x = block(x, p, dropout_masks, f"transformer.h.{i}")
-        logits = transformer.ln_f(x) @ transformer.wte.weight.t()  # head tied to wte
+        logits, _ = self._logits(ids, p, dropout_masks)
         loss = None
         if targets is not None:
             loss = CrossEntropyFunction.apply(logits, targets, ignore_index)
         return logits, loss
+
+    def _logits(self, ids: Tensor, p: float = 0.0, masks: Mapping[str, Tensor] | None = None,
+                start: int = 0, past: tuple[tuple[Tensor, Tensor], ...] | None = None
+                ) -> tuple[Tensor, tuple[tuple[Tensor, Tensor], ...]]:
+        """(logits (B, T, V), per-layer (k, v) of positions 0..start+T-1) for ids (B, T) at
+        positions start..start+T-1 after the per-layer keys and values ``past``."""
+        transformer = self.transformer
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        x = _drop(transformer.wte(ids) + transformer.wpe(positions), p, masks,
+                  "transformer.drop")
+        kvs = []
+        for i, block in enumerate(transformer.h):
+            x, kv = block(x, p, masks, f"transformer.h.{i}", None if past is None else past[i])
+            kvs.append(kv)
+        return transformer.ln_f(x) @ transformer.wte.weight.t(), tuple(kvs)  # head tied to wte
+
+    # ------------------------------------------------------------------------- generation
+    # A decoder feeds its ``bos`` first. To continue a prompt (B, P), P >= 2:
+    #     _, state = model.prefill(prompt[:, :-1])
+    #     greedy_decode(model.step, state, prompt[:, -1], max_new_tokens)
+    # (P = 1: state = model.init_state(B), bos = prompt[:, 0]). Steps never use dropout, and
+    # run under torch.no_grad with the state on the parameters' device.
+
+    @torch.no_grad()
+    def init_state(self, batch_size: int, kv_cache: bool = True) -> GPTState:
+        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0)."""
+        B = check_positive_int("batch_size", batch_size)
+        weight = self.transformer.wte.weight
+        if not kv_cache:
+            return GPTState(None, None, torch.zeros(B, 0, dtype=torch.int64,
+                                                    device=weight.device), 0)
+        nh, E = self.config.n_head, self.config.n_embd
+        empty = tuple(weight.new_zeros(B, nh, 0, E // nh) for _ in range(self.config.n_layer))
+        return GPTState(empty, empty, None, 0)
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor, kv_cache: bool = True) -> tuple[Tensor, GPTState]:
+        """One forward over ids (B, T) -> (logits (B, T, V), the state after those T tokens)."""
+        T = _check_inputs(ids, None, self.config)[1]
+        logits, kvs = self._logits(ids)
+        if not kv_cache:
+            return logits, GPTState(None, None, ids.long(), T)
+        return logits, GPTState(tuple(k for k, _ in kvs), tuple(v for _, v in kvs), None, T)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: GPTState) -> tuple[Tensor, GPTState]:
+        """tokens int (B,) at position t = state.position -> (logits (B, V), state at t + 1).
+
+        With the KV cache only the new token's q, k, v are computed, its k, v appended to the
+        cache, and its query attends over all t + 1 keys; without it, the forward reruns on
+        the whole prefix (B, t + 1) and the last position's logits are returned.
+        """
+        config = self.config
+        if not isinstance(state, GPTState):
+            raise TypeError(f"state: expected the GPTState of init_state or prefill, "
+                            f"got {type(state).__name__}")
+        rows = state.ids if state.keys is None else state.keys[0]
+        check_int_tensor("tokens", tokens, shape=(rows.shape[0],), low=0,
+                         high=config.vocab_size)
+        t = state.position
+        if t >= config.block_size:
+            raise ValueError(f"tokens: position {t} is past the context, config.block_size = "
+                             f"{config.block_size} (the state has seen {t} tokens)")
+        tokens = tokens.long().to(rows.device)
+        if state.keys is None:
+            ids = torch.cat([state.ids, tokens[:, None]], dim=1)
+            logits, _ = self._logits(ids)
+            return logits[:, -1], GPTState(None, None, ids, t + 1)
+        logits, kvs = self._logits(tokens[:, None], start=t,
+                                   past=tuple(zip(state.keys, state.values)))
+        return logits[:, 0], GPTState(tuple(k for k, _ in kvs), tuple(v for _, v in kvs),
+                                      None, t + 1)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
                         assign: bool = False) -> Any:
