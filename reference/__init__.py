@@ -60,6 +60,7 @@ from .rnn_attention import (
     luong_attention_backward,
     luong_attention_forward,
 )
+from .seq2seq import Seq2Seq, Seq2SeqConfig, Seq2SeqState, seq2seq_backward, seq2seq_forward
 from .transformer import (
     GPT,
     GPTConfig,
@@ -155,4 +156,10 @@ __all__ = [
     "rnn_lm_forward",
     "rnn_lm_backward",
     "RNNLM",
+    # seq2seq
+    "Seq2SeqConfig",
+    "Seq2Seq",
+    "Seq2SeqState",
+    "seq2seq_forward",
+    "seq2seq_backward",
 ]

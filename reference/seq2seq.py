@@ -1,0 +1,390 @@
+"""An RNN encoder-decoder with Luong attention (Luong, Pham & Manning 2015).
+
+For source ids src (B, Ts) with lengths n_b, teacher-forced target input tgt_in (B, Tt),
+cell ∈ {"lstm", "gru"}, D = 2 if bidirectional else 1, H the encoder size per direction:
+
+    x          = E_src[src]                              (B, Ts, E)
+    m, s_enc   = encoder-RNN(x; lengths n)               m (B, Ts, D·H), 0 at t >= n_b
+    s_0        = bridge(s_enc)                           per layer [h_fwd; h_bwd] -> (L, B, D·H)
+    y          = E_tgt[tgt_in]                           (B, Tt, E)
+    h, s_n     = decoder-RNN(y, s_0)                     h (B, Tt, Hd), Hd = D·H
+    c, a       = luong_attention(h, m; score, mask)      keys t >= n_b masked out
+    h̃          = tanh(W_c [c; h])                         W_c (Hd, 2·Hd), no bias
+    logits     = h̃ W_headᵀ + b_head                      (B, Tt, V_tgt)
+    loss       = cross_entropy(logits, targets)          mean over targets != ignore_index
+
+With ``attention=None`` the attention and W_c are skipped: h̃ = h.
+
+Bridge: the decoder's hidden size is D·H and its initial state, per layer, is the encoder's
+final forward and backward states concatenated (h and, for the LSTM, c), so the bridge is a
+reshape with no parameters (simpler than a learned tanh(W [h_fwd; h_bwd] + b) projection,
+and the memory m and the decoder's h have the same size D·H, which the "dot" score needs).
+
+Teacher forcing is full (ratio 1.0): the decoder reads the whole gold tgt_in in one RNN call.
+Target padding is handled by the loss only (targets == ignore_index, PAD = 0 by default);
+the decoder is causal, so trailing padding never changes the logits of earlier positions.
+
+Every piece is an existing forward/backward pair (embedding.py, lstm.py, gru.py,
+rnn_attention.py, linear.py, activations.py, loss.py); this file only wires them.
+
+Parameter names: ``encoder.embedding.weight`` (V_src, E), ``encoder.rnn.<torch.nn names>``,
+``decoder.embedding.weight`` (V_tgt, E), ``decoder.rnn.<torch.nn names>``,
+``decoder.attention.<LuongAttention names>`` ("weight" for "general", "concat.weight" and
+"energy.weight" for "concat", none for "dot"), ``decoder.combine.weight`` (Hd, 2·Hd),
+``decoder.head.weight`` (V_tgt, Hd), ``decoder.head.bias`` (V_tgt,).
+
+Decoding state (``Seq2SeqState``): memory (B, Ts, Hd), key_padding_mask (B, Ts) and the
+decoder state (h,) or (h, c) stored batch-first as (B, L, Hd), so every leaf has batch on
+axis 0 and ``decoding.select_rows`` reorders it for beam search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from .activations import TanhCache, tanh_backward, tanh_forward
+from .checks import check_float_array, check_int_array, check_positive_int
+from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .gru import GRU
+from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
+from .linear import LinearCache, linear_backward, linear_forward
+from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
+from .lstm import LSTM
+from .module import Module
+from .recurrent import StackCache
+from .rnn_attention import (
+    LuongAttention,
+    LuongAttentionCache,
+    luong_attention_backward,
+    luong_attention_forward,
+)
+
+SEQ2SEQ_CELLS = ("lstm", "gru")
+ATTENTION_SCORES = (None, "dot", "general", "concat")
+PAD = 0
+
+
+@dataclass(frozen=True)
+class Seq2SeqConfig:
+    """Sizes and choices of a Seq2Seq model; ``attention`` is a Luong score or None."""
+    src_vocab: int
+    tgt_vocab: int
+    embed_size: int
+    hidden_size: int            # H, per encoder direction; the decoder has D·H
+    num_layers: int = 1         # of the encoder and of the decoder
+    cell: str = "lstm"
+    bidirectional: bool = False
+    attention: str | None = "general"
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab", "tgt_vocab", "embed_size", "hidden_size", "num_layers"):
+            check_positive_int(name, getattr(self, name))
+        if self.cell not in SEQ2SEQ_CELLS:
+            raise ValueError(f"cell: expected one of {', '.join(map(repr, SEQ2SEQ_CELLS))}, "
+                             f"got {self.cell!r}")
+        if not isinstance(self.bidirectional, bool):
+            raise TypeError(f"bidirectional: expected a bool, got "
+                            f"{type(self.bidirectional).__name__}")
+        if self.attention not in ATTENTION_SCORES:
+            raise ValueError(f"attention: expected one of "
+                             f"{', '.join(map(repr, ATTENTION_SCORES))}, got {self.attention!r}")
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def decoder_size(self) -> int:
+        """Hd = D·H: the decoder holds the concatenated final states of both directions."""
+        return self.num_directions * self.hidden_size
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_config(config: object) -> Seq2SeqConfig:
+    if not isinstance(config, Seq2SeqConfig):
+        raise TypeError(f"config: expected a Seq2SeqConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_params(params: object, config: Seq2SeqConfig) -> np.dtype:
+    """The fixed-shape tensors; rnn.* and attention.* are checked by their own forwards."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    Hd, V_tgt = config.decoder_size, config.tgt_vocab
+    shapes = {"encoder.embedding.weight": (config.src_vocab, config.embed_size),
+              "decoder.embedding.weight": (V_tgt, config.embed_size),
+              "decoder.head.weight": (V_tgt, Hd), "decoder.head.bias": (V_tgt,)}
+    prefixes = ["encoder.rnn.", "decoder.rnn."]
+    if config.attention is not None:
+        shapes["decoder.combine.weight"] = (Hd, 2 * Hd)
+        prefixes.append("decoder.attention.")
+    for name in shapes:
+        if name not in params:
+            raise ValueError(f"params: missing {name!r}")
+    unexpected = sorted(k for k in params
+                        if k not in shapes and not k.startswith(tuple(prefixes)))
+    if unexpected:
+        raise ValueError(f"params: unexpected keys {unexpected} for attention="
+                         f"{config.attention!r} (expected {list(shapes)} and {prefixes}*)")
+    dtype = check_float_array("params['encoder.embedding.weight']",
+                              params["encoder.embedding.weight"], shapes.pop(
+                                  "encoder.embedding.weight")).dtype
+    for name, shape in shapes.items():
+        check_float_array(f"params[{name!r}]", params[name], shape, dtype=dtype)
+    return dtype
+
+
+def _check_src(src: object, src_lengths: object, config: Seq2SeqConfig) -> np.ndarray:
+    """src (B, Ts) and src_lengths (B,) in 1..Ts (None: every row full); returns lengths."""
+    _check_ids("src", src, config.src_vocab, ("B", "Ts"))
+    B, Ts = src.shape
+    if src_lengths is None:
+        return np.full(B, Ts, dtype=np.int64)
+    check_int_array("src_lengths", src_lengths, (B,), low=1, high=Ts + 1)
+    return src_lengths.astype(np.int64)
+
+
+def _sub(params: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- bridge
+
+def _bridge(state_part: np.ndarray, D: int) -> np.ndarray:
+    """(L·D, B, H) indexed k·D + d  ->  (L, B, D·H) = per layer [h_fwd; h_bwd]."""
+    LD, B, H = state_part.shape
+    return state_part.reshape(LD // D, D, B, H).transpose(0, 2, 1, 3).reshape(LD // D, B, D * H)
+
+
+def _bridge_backward(dstate_part: np.ndarray, D: int) -> np.ndarray:
+    """The inverse reshape: (L, B, D·H) -> (L·D, B, H)."""
+    L, B, DH = dstate_part.shape
+    H = DH // D
+    return dstate_part.reshape(L, B, D, H).transpose(0, 2, 1, 3).reshape(L * D, B, H)
+
+
+# --------------------------------------------------------------------------- encoder, decoder
+
+class EncoderCache(NamedTuple):
+    embedding: EmbeddingCache
+    rnn: StackCache
+
+
+def _encoder_forward(src: np.ndarray, src_lengths: np.ndarray, params: Mapping,
+                     config: Seq2SeqConfig) -> tuple[np.ndarray, np.ndarray, tuple, EncoderCache]:
+    """(memory m (B, Ts, Hd), key_padding_mask (B, Ts), decoder state s_0, cache)."""
+    x, embedding = embedding_forward(src, params["encoder.embedding.weight"])
+    memory, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "encoder.rnn."),
+                                              None, src_lengths, 0.0, None)
+    key_padding_mask = np.arange(src.shape[1]) >= src_lengths[:, None]
+    state0 = tuple(_bridge(s, config.num_directions) for s in state_n)
+    return memory, key_padding_mask, state0, EncoderCache(embedding, rnn)
+
+
+class DecoderCache(NamedTuple):
+    embedding: EmbeddingCache
+    rnn: StackCache
+    attention: LuongAttentionCache | None   # None without attention
+    combine: LinearCache | None             # W_c [c; h]
+    tanh: TanhCache | None                  # h̃ = tanh(W_c [c; h])
+    head: LinearCache
+
+
+def _decoder_forward(tgt_in: np.ndarray, state0: tuple, memory: np.ndarray,
+                     key_padding_mask: np.ndarray, params: Mapping, config: Seq2SeqConfig
+                     ) -> tuple[np.ndarray, tuple, DecoderCache]:
+    """(logits (B, Tt, V_tgt), decoder state s_n, cache) for teacher-forced tgt_in."""
+    y, embedding = embedding_forward(tgt_in, params["decoder.embedding.weight"])
+    h, state_n, rnn = _recurrent_forward(config.cell, y, _sub(params, "decoder.rnn."), state0,
+                                         None, 0.0, None)
+    attention = combine = tanh = None
+    h_tilde = h
+    if config.attention is not None:
+        (context, _), attention = luong_attention_forward(
+            h, memory, _sub(params, "decoder.attention."), config.attention, key_padding_mask)
+        pre, combine = linear_forward(np.concatenate([context, h], axis=-1),
+                                      params["decoder.combine.weight"])
+        h_tilde, tanh = tanh_forward(pre)
+    logits, head = linear_forward(h_tilde, params["decoder.head.weight"],
+                                  params["decoder.head.bias"])
+    return logits, state_n, DecoderCache(embedding, rnn, attention, combine, tanh, head)
+
+
+def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqConfig
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
+    """(dparams of the decoder, dmemory or None, dstate0 of the decoder)."""
+    dh_tilde, dhead_weight, dhead_bias = linear_backward(dlogits, cache.head)
+    dparams = {"decoder.head.weight": dhead_weight, "decoder.head.bias": dhead_bias}
+    dmemory, dh = None, dh_tilde
+    if cache.attention is not None:
+        dpre = tanh_backward(dh_tilde, cache.tanh)                       # h̃ = tanh(pre)
+        dcat, dparams["decoder.combine.weight"], _ = linear_backward(dpre, cache.combine)
+        Hd = config.decoder_size
+        dcontext, dh = dcat[..., :Hd], dcat[..., Hd:]                    # [c; h]
+        dh_score, dmemory, dattention = luong_attention_backward(dcontext, cache.attention)
+        dh = dh + dh_score
+        dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
+    dy, drnn, dstate0 = _recurrent_backward(config.cell, dh, cache.rnn, None)
+    dparams["decoder.embedding.weight"] = embedding_backward(dy, cache.embedding)
+    dparams.update({"decoder.rnn." + k: v for k, v in drnn.items()})
+    return dparams, dmemory, dstate0
+
+
+# --------------------------------------------------------------------------- functional
+
+class Seq2SeqCache(NamedTuple):
+    config: Seq2SeqConfig
+    names: tuple                    # params keys, in order, for the order of dparams
+    encoder: EncoderCache
+    decoder: DecoderCache
+    loss: CrossEntropyCache | None  # None without targets
+
+
+def seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
+                    params: Mapping[str, np.ndarray], config: Seq2SeqConfig,
+                    targets: np.ndarray | None = None, ignore_index: int = PAD
+                    ) -> tuple[tuple[np.ndarray, np.ndarray | None], Seq2SeqCache]:
+    """The encoder-decoder (equations in the module docstring), fully teacher-forced.
+
+    src int (B, Ts), src_lengths int (B,) in 1..Ts or None (all Ts), tgt_in int (B, Tt),
+    targets int (B, Tt) or None. Returns ((logits (B, Tt, V_tgt), loss 0-d or None), cache).
+    """
+    config = _check_config(config)
+    _check_params(params, config)
+    src_lengths = _check_src(src, src_lengths, config)
+    B = src.shape[0]
+    _check_ids("tgt_in", tgt_in, config.tgt_vocab, (B, "Tt"))
+    if targets is not None:
+        check_int_array("targets", targets, tgt_in.shape)
+
+    memory, key_padding_mask, state0, encoder = _encoder_forward(src, src_lengths, params,
+                                                                 config)
+    logits, _, decoder = _decoder_forward(tgt_in, state0, memory, key_padding_mask, params,
+                                          config)
+    loss, loss_cache = None, None
+    if targets is not None:
+        loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
+    return (logits, loss), Seq2SeqCache(config, tuple(params), encoder, decoder, loss_cache)
+
+
+def seq2seq_backward(cache: Seq2SeqCache, dlogits: np.ndarray | None = None,
+                     dloss: float | np.ndarray = 1.0) -> dict[str, np.ndarray]:
+    """Gradients of L = dloss · loss + <logits, dlogits>, keyed and ordered like params.
+
+    dlogits (B, Tt, V_tgt) or None (zeros); dloss is unused when the forward had no targets.
+    """
+    if not isinstance(cache, Seq2SeqCache):
+        raise TypeError(f"cache: expected the Seq2SeqCache of seq2seq_forward, "
+                        f"got {type(cache).__name__}")
+    config, head = cache.config, cache.decoder.head
+    logits_shape = head.x.shape[:-1] + head.weight.shape[:1]
+    if dlogits is None:
+        dlogits = np.zeros(logits_shape, dtype=head.weight.dtype)
+    else:
+        check_float_array("dlogits", dlogits, logits_shape, dtype=head.weight.dtype,
+                          finite=False)
+    if cache.loss is not None:
+        dlogits = dlogits + cross_entropy_backward(dloss, cache.loss)
+    dparams, dmemory, dstate0 = _decoder_backward(dlogits, cache.decoder, config)
+    # s_0 = bridge(s_enc): the decoder's dstate0 is the encoder's dstate_n, reshaped back.
+    dstate_n = tuple(_bridge_backward(d, config.num_directions) for d in dstate0)
+    dx, drnn, _ = _recurrent_backward(config.cell, dmemory, cache.encoder.rnn, dstate_n)
+    dparams["encoder.embedding.weight"] = embedding_backward(dx, cache.encoder.embedding)
+    dparams.update({"encoder.rnn." + k: v for k, v in drnn.items()})
+    return {name: dparams[name] for name in cache.names}
+
+
+# --------------------------------------------------------------------------- model
+
+class Seq2SeqState(NamedTuple):
+    """Decoding state; batch on axis 0 of every array (for ``decoding.select_rows``)."""
+    memory: np.ndarray             # m (B, Ts, Hd)
+    key_padding_mask: np.ndarray   # (B, Ts) bool, True = padding
+    hidden: tuple                  # (h,) or (h, c), each (B, L, Hd)
+
+
+RNN_CLASSES = {"lstm": LSTM, "gru": GRU}
+
+
+class Seq2Seq(Module):
+    """The encoder-decoder in NumPy with ``backward``, ``encode`` and ``step``.
+
+    Seq2Seq(config, dtype=np.float64, seed=None). Init as torch: embeddings N(0, 1), the RNNs,
+    the attention and the linear layers U(-1/√fan_in, 1/√fan_in).
+    """
+
+    def __init__(self, config: Seq2SeqConfig, dtype: Any = np.float64,
+                 seed: int | None = None) -> None:
+        super().__init__()
+        self.config = c = _check_config(config)
+        self.rng = rng = np.random.default_rng(seed)
+        Hd, E = c.decoder_size, c.embed_size
+
+        def seed_() -> int:
+            return int(rng.integers(2**32))
+
+        cls = RNN_CLASSES[c.cell]
+        encoder_rnn = cls(E, c.hidden_size, c.num_layers, bidirectional=c.bidirectional,
+                          dtype=dtype, seed=seed_())
+        decoder_rnn = cls(E, Hd, c.num_layers, dtype=dtype, seed=seed_())
+        self.dtype = encoder_rnn.dtype
+        p = {"encoder.embedding.weight": rng.standard_normal((c.src_vocab, E))}
+        p.update({"encoder.rnn." + k: v for k, v in encoder_rnn.params.items()})
+        p["decoder.embedding.weight"] = rng.standard_normal((c.tgt_vocab, E))
+        p.update({"decoder.rnn." + k: v for k, v in decoder_rnn.params.items()})
+        if c.attention is not None:
+            attention = LuongAttention(Hd, Hd, c.attention, dtype=dtype, seed=seed_())
+            p.update({"decoder.attention." + k: v for k, v in attention.params.items()})
+            bound = 1.0 / np.sqrt(2 * Hd)
+            p["decoder.combine.weight"] = rng.uniform(-bound, bound, (Hd, 2 * Hd))
+        bound = 1.0 / np.sqrt(Hd)
+        p["decoder.head.weight"] = rng.uniform(-bound, bound, (c.tgt_vocab, Hd))
+        p["decoder.head.bias"] = rng.uniform(-bound, bound, c.tgt_vocab)
+        self.params = {k: v.astype(self.dtype) for k, v in p.items()}
+        self.zero_grad()
+        self._cache: Seq2SeqCache | None = None
+
+    def forward(self, src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
+                targets: np.ndarray | None = None, ignore_index: int = PAD
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (logits (B, Tt, V_tgt), loss or None); see ``seq2seq_forward``."""
+        (logits, loss), self._cache = seq2seq_forward(src, src_lengths, tgt_in, self.params,
+                                                      self.config, targets, ignore_index)
+        return logits, loss
+
+    __call__ = forward
+
+    def backward(self, dloss: float | np.ndarray = 1.0, dlogits: np.ndarray | None = None
+                 ) -> None:
+        """Fills ``self.grads`` from the last forward."""
+        if self._cache is None:
+            raise RuntimeError("backward: call forward first (its cache is used once)")
+        cache, self._cache = self._cache, None
+        self.grads = seq2seq_backward(cache, dlogits, dloss)
+
+    # ----------------------------------------------------------------------- generation
+
+    def encode(self, src: np.ndarray, src_lengths: np.ndarray | None = None) -> Seq2SeqState:
+        """Run the encoder once: the initial decoding state for ``step``."""
+        src_lengths = _check_src(src, src_lengths, self.config)
+        memory, mask, state0, _ = _encoder_forward(src, src_lengths, self.params, self.config)
+        return Seq2SeqState(memory, mask, tuple(s.transpose(1, 0, 2) for s in state0))
+
+    def step(self, tokens: np.ndarray, state: Seq2SeqState
+             ) -> tuple[np.ndarray, Seq2SeqState]:
+        """One decoder step: tokens int (B,) -> (logits (B, V_tgt), next state)."""
+        _check_ids("tokens", tokens, self.config.tgt_vocab, ("B",))
+        if not isinstance(state, Seq2SeqState):
+            raise TypeError(f"state: expected the Seq2SeqState of encode, "
+                            f"got {type(state).__name__}")
+        hidden = tuple(h.transpose(1, 0, 2) for h in state.hidden)
+        logits, hidden, _ = _decoder_forward(tokens[:, None], hidden, state.memory,
+                                             state.key_padding_mask, self.params, self.config)
+        return logits[:, 0], state._replace(hidden=tuple(h.transpose(1, 0, 2) for h in hidden))
+
+    def __repr__(self) -> str:
+        return f"Seq2Seq({self.config})"
