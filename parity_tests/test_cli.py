@@ -1,0 +1,159 @@
+"""The ``seqtwin`` command line (seqtwin/cli.py), run in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from seqtwin.cli import main
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["--embed", "8", "--hidden", "16", "--block", "16", "--batch", "8", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 4,000 characters of Tiny Shakespeare."""
+    source = SHARED_DATA / "tinyshakespeare.txt"
+    if not source.is_file():
+        pytest.skip(f"{source} is not there")
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(source.read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of 20 torch steps."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--data", str(corpus), "--out", str(out), "--backend", "torch",
+            "--steps", "20", "--eval-every", "10", *TINY]
+    assert main(argv) == 0
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _generate(checkpoint: Path, backend: str, capsys: pytest.CaptureFixture, *extra: str
+              ) -> str:
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(checkpoint), "--backend", backend,
+            "--prompt", "First", "--max-new-tokens", "40", *extra]
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_train_writes_checkpoint_files_and_the_loss_falls(trained: Path) -> None:
+    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json",
+                 "metrics.jsonl"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["step"] == 20 and config["task"] == "char-lm"
+    records = _metrics(trained)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    first, last = records[0]["train_loss"], records[-1]["train_loss"]
+    assert math.isfinite(last) and last < first
+    assert math.isfinite(records[-1]["val_loss"])
+
+
+def test_a_torch_checkpoint_gives_the_same_greedy_text_in_both_backends(
+        trained: Path, capsys: pytest.CaptureFixture) -> None:
+    torch_text = _generate(trained, "torch", capsys, "--greedy")
+    numpy_text = _generate(trained, "numpy", capsys, "--greedy")
+    assert torch_text.startswith("First") and len(torch_text) == len("First") + 40 + 1
+    assert numpy_text == torch_text
+
+
+def test_sampling_with_one_seed_gives_the_same_text_in_both_backends(
+        trained: Path, capsys: pytest.CaptureFixture) -> None:
+    extra = ("--temperature", "0.8", "--top-k", "5", "--seed", "3")
+    assert _generate(trained, "numpy", capsys, *extra) == _generate(trained, "torch", capsys,
+                                                                     *extra)
+
+
+def test_resume_continues_from_the_saved_step(corpus: Path, trained: Path,
+                                              tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json",
+                 "metrics.jsonl"):
+        (out / name).write_bytes((trained / name).read_bytes())
+    argv = ["train", "--data", str(corpus), "--out", str(out), "--backend", "torch",
+            "--steps", "25", "--eval-every", "10", "--resume", *TINY]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 25
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 26))
+
+
+def test_training_into_a_used_directory_without_resume_is_refused(
+        corpus: Path, trained: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["train", "--data", str(corpus), "--out", str(trained), "--steps", "30", *TINY]
+    assert main(argv) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--data", "no/such/file.txt", "--out", "x"], "--data"),
+    (["train", "--data", "x", "--out", "x", "--steps", "0"], "--steps"),
+    (["train", "--data", "x", "--out", "x", "--backend", "jax"], "--backend"),
+    (["train", "--out", "x"], "--data"),
+    (["generate", "--checkpoint", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_bad_arguments_exit_2_with_a_message_naming_the_argument(
+        argv: list[str], named: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_a_checkpoint_directory_without_files_exits_2(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "config.json" in err and len(err.splitlines()) == 1
+
+
+def test_a_prompt_outside_the_vocabulary_exits_2(trained: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--checkpoint", str(trained), "--prompt", "Zoë€"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and "€" in err and len(err.splitlines()) == 1
+
+
+def test_a_torch_checkpoint_resumes_with_the_numpy_backend(corpus: Path, trained: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json"):
+        (out / name).write_bytes((trained / name).read_bytes())
+    argv = ["train", "--data", str(corpus), "--out", str(out), "--backend", "numpy",
+            "--steps", "22", "--resume", *TINY]
+    assert main(argv) == 0
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [21, 22]
+    assert all(math.isfinite(r["train_loss"]) for r in records)
+
+
+def test_keyboard_interrupt_saves_a_checkpoint_at_the_last_finished_step(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import seqtwin.cli as cli
+
+    train_step = cli._train_step
+    calls = []
+
+    def interrupted_on_the_fourth_step(*args: object) -> float:
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return train_step(*args)
+
+    monkeypatch.setattr(cli, "_train_step", interrupted_on_the_fourth_step)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(corpus), "--out", str(out), "--steps", "20", *TINY]
+    assert main(argv) == 130
+    assert json.loads((out / "config.json").read_text())["step"] == 3
