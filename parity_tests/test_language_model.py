@@ -209,7 +209,11 @@ def test_torch_impl_float64_matches_reference(cell: str, data: st.DataObject) ->
 @pytest.mark.parametrize("cell", CELLS)
 @given(data=st.data())
 def test_torch_impl_float32_matches_reference_float64(cell: str, data: st.DataObject) -> None:
-    inputs = float32_inputs(make_inputs(data.draw(lm_cases(cell))))
+    # hidden >= 4, as strategies.float32_configs for the layers: with hidden 1 a bias gradient
+    # is one element, a sum of B*T terms that can cancel, and float32 rounding alone missed
+    # the 1e-4 budget (1.02e-4 on drnn.bias_hh_l0, thorough profile); float64 covers hidden 1.
+    case = data.draw(lm_cases(cell).map(lambda c: c._replace(hidden=max(c.hidden, 4))))
+    inputs = float32_inputs(make_inputs(case))
     expected = run_reference(inputs)
     assert_runs_close(run_torch_functional(inputs, torch.float32), expected, TORCH32_VS_REF64)
     assert_runs_close(run_torch_module(inputs, torch.float32), expected, TORCH32_VS_REF64)
