@@ -101,7 +101,12 @@ def test_training_into_a_used_directory_without_resume_is_refused(
     (["train", "--data", "no/such/file.txt", "--out", "x"], "--data"),
     (["train", "--data", "x", "--out", "x", "--steps", "0"], "--steps"),
     (["train", "--data", "x", "--out", "x", "--backend", "jax"], "--backend"),
-    (["train", "--out", "x"], "--data"),
+    (["train", "--out", "x", "--task", "poetry"], "--task"),
+    (["train", "--data", "x", "--out", "x", "--teacher-forcing", "1.5"], "--teacher-forcing"),
+    (["train", "--out", "x", "--resume", "--init-from", "y"], "--init-from"),
+    (["generate", "--checkpoint", "x", "--greedy", "--beams", "3"], "--beams"),
+    (["translate", "--checkpoint", "x", "--beams", "0"], "--beams"),
+    (["eval", "--checkpoint", "x", "--dtype", "float16"], "--dtype"),
     (["generate", "--checkpoint", "x", "--temperature", "-1"], "--temperature"),
 ])
 def test_bad_arguments_exit_2_with_a_message_naming_the_argument(

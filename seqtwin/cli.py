@@ -1,17 +1,25 @@
-"""The ``seqtwin`` command line, task "char-lm": train and sample a character-level RNNLM.
+"""The ``seqtwin`` command line: train, generate, translate and eval, in either backend.
 
-    seqtwin train --data tinyshakespeare --out runs/lstm --steps 200
+    seqtwin train --task char-lm --model lstm --data tinyshakespeare --out runs/lstm
+    seqtwin train --task char-lm --model gpt --out runs/gpt --init-from runs/pretrained
+    seqtwin train --task translate --model gru --attention bahdanau --data eng-fra --out runs/mt
     seqtwin generate --checkpoint runs/lstm --prompt "ROMEO:" --backend numpy
+    seqtwin translate --checkpoint runs/mt --text "I am cold." --beams 4
+    seqtwin eval --checkpoint runs/mt
 
-``--backend numpy|torch`` picks ``reference`` or ``torch_impl``, imported lazily. A checkpoint
-directory holds ``checkpoint.safetensors`` (parameters under the shared names), ``optimizer.
-safetensors`` (AdamW's ``exp_avg.<name>`` / ``exp_avg_sq.<name>``), ``config.json`` (model
-sizes, vocabulary, step) and ``metrics.jsonl`` (one line per step); each file is written
-atomically, so either backend loads what the other saved. Training batches are drawn from
-``np.random.default_rng([seed, step])``, so ``--resume`` continues the exact batch stream.
+``--backend numpy|torch`` picks ``reference`` or ``torch_impl``, imported lazily. Checkpoints
+(``seqtwin/checkpoint.py``) are NumPy arrays in safetensors files plus ``config.json``, so
+either backend loads what the other saved. Training batches are a pure function of (seed,
+step), so ``--resume`` continues the exact batch stream, with the saved settings.
 
-Usage errors (bad arguments, a missing file, a prompt outside the vocabulary) print one line on
-stderr and return exit code 2.
+Under ``torchrun --nproc_per_node N -m seqtwin.cli train ...`` the torch backend trains with
+DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws the same global batch of
+``--batch`` rows and trains on its ``batch / N`` rows, the loss is scaled so the averaged
+gradient is the global batch's, and rank 0 alone evaluates and writes files, so the result is
+the one-process run's up to the order of floating-point sums.
+
+Usage errors (bad arguments, a missing or corrupt file, a prompt outside the vocabulary) print
+one line on stderr and return exit code 2.
 """
 
 from __future__ import annotations
@@ -21,19 +29,37 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .data import TINY_SHAKESPEARE, CharVocab, char_batches, load_char_corpus, resolve_corpus
+from . import tasks as tk
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    has_checkpoint,
+    load_checkpoint,
+    load_optimizer_buffers,
+    save_checkpoint,
+)
+from .data import (
+    ENG_FRA,
+    TINY_SHAKESPEARE,
+    CharVocab,
+    WordVocab,
+    load_char_corpus,
+    load_translation_pairs,
+    normalize_sentence,
+    resolve_corpus,
+)
 
-TASK = "char-lm"
-CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE}
-CHECKPOINT_FILES = ("config.json", "checkpoint.safetensors")
-EVAL_BATCHES = 4
+TASKS = ("char-lm", "translate")
+CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA}
+DEFAULT_DATA = {"char-lm": "tinyshakespeare", "translate": "eng-fra"}
+UNITS = {"char-lm": "nats/char", "translate": "nats/word"}
 CLIP_NORM = 1.0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -57,54 +83,121 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+def _float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)
+                and value <= high):
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"expected a number in {bracket}{low}, {high}], "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+_positive_float = _float_in(0.0, math.inf, low_open=True)
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["numpy", "torch"], default="torch")
+    parser.add_argument("--device", default="cpu", help="torch device (torch backend only)")
+    parser.add_argument("--threads", type=_int_at_least(1), default=None,
+                        help="intra-op threads of torch and of NumPy's BLAS (default: the "
+                             "libraries' own; on a small CPU, 1 is often fastest for small "
+                             "models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqtwin", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a char-level language model")
-    train.add_argument("--task", choices=[TASK], default=TASK)
-    train.add_argument("--data", required=True,
-                       help="a UTF-8 text file, or 'tinyshakespeare' (downloaded, sha256-checked)")
+    train = commands.add_parser(
+        "train", help="train a model (char-level LM or translation)",
+        description="Train a char-level language model or a Seq2Seq translator. With --resume "
+                    "or --init-from the model sizes and vocabulary come from the checkpoint.")
+    train.add_argument("--task", choices=TASKS, default=None,
+                       help="default char-lm, or the checkpoint's task")
+    train.add_argument("--data", default=None,
+                       help="char-lm: a UTF-8 text file; translate: english<TAB>french lines; "
+                            "or 'tinyshakespeare' / 'eng-fra' (downloaded, sha256-checked). "
+                            "Default: the task's corpus")
     train.add_argument("--out", required=True, help="checkpoint directory")
-    train.add_argument("--backend", choices=["numpy", "torch"], default="torch")
-    train.add_argument("--device", default="cpu", help="torch device (torch backend only)")
-    train.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"], default="lstm")
-    train.add_argument("--embed", type=_int_at_least(1), default=64)
-    train.add_argument("--hidden", type=_int_at_least(1), default=128)
+    _add_runtime(train)
+    train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    train.add_argument("--model", default="lstm",
+                       help=f"char-lm: one of {', '.join(tk.CHAR_LM_MODELS)}; translate: "
+                            f"{' or '.join(tk.TRANSLATE_MODELS)} (default lstm)")
+    train.add_argument("--embed", type=_int_at_least(1), default=64,
+                       help="embedding size (GPT: the width n_embd)")
+    train.add_argument("--hidden", type=_int_at_least(1), default=128,
+                       help="recurrent hidden size (translate: per encoder direction)")
     train.add_argument("--layers", type=_int_at_least(1), default=1)
-    train.add_argument("--block", type=_int_at_least(1), default=64)
-    train.add_argument("--batch", type=_int_at_least(1), default=32)
+    train.add_argument("--heads", type=_int_at_least(1), default=4, help="GPT attention heads")
+    train.add_argument("--dropout", type=_float_in(0.0, 0.99), default=0.0)
+    train.add_argument("--block", type=_int_at_least(1), default=64,
+                       help="char-lm: characters per training sequence (GPT: its context)")
+    train.add_argument("--attention", choices=tk.ATTENTIONS, default="general",
+                       help="translate: the decoder's attention")
+    train.add_argument("--bidirectional", action="store_true", help="translate: encoder")
+    train.add_argument("--teacher-forcing", type=_float_in(0.0, 1.0), default=1.0,
+                       help="translate: the fraction of decoder inputs that are gold tokens; "
+                            "the others are the model's own previous predictions")
+    train.add_argument("--max-len", type=_int_at_least(1), default=None,
+                       help="translate: drop pairs with a side longer than this many words")
+    train.add_argument("--batch", type=_int_at_least(1), default=32,
+                       help="global batch rows (split across torchrun ranks)")
     train.add_argument("--steps", type=_int_at_least(1), default=200,
                        help="total steps (with --resume: the step to stop at)")
     train.add_argument("--lr", type=_positive_float, default=3e-3)
     train.add_argument("--warmup", type=_int_at_least(0), default=None,
                        help="linear warmup steps (default min(100, steps // 10))")
-    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--weight-decay", type=_float_in(0.0, math.inf), default=1e-2)
     train.add_argument("--seed", type=_int_at_least(0), default=0)
     train.add_argument("--eval-every", type=_int_at_least(1), default=50)
     train.add_argument("--log-every", type=_int_at_least(1), default=10,
                        help="steps between progress lines when tqdm is not installed")
-    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                       help="start from a trained checkpoint's parameters (fine-tuning on "
+                            "--data); its vocabulary is kept")
+    train.add_argument("--freeze-embeddings", action="store_true",
+                       help="keep the embeddings fixed (GPT: wte and wpe, and so the tied head)")
 
-    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate = commands.add_parser("generate", help="continue a prompt with a char-lm model")
     generate.add_argument("--checkpoint", required=True, help="a directory written by train")
-    generate.add_argument("--backend", choices=["numpy", "torch"], default="torch")
+    _add_runtime(generate)
     generate.add_argument("--prompt", default="\n")
     generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=200)
     generate.add_argument("--temperature", type=_positive_float, default=0.8)
     generate.add_argument("--top-k", type=_int_at_least(0), default=0, help="0: no top-k filter")
+    generate.add_argument("--top-p", type=_float_in(0.0, 1.0, low_open=True), default=None)
     generate.add_argument("--seed", type=_int_at_least(0), default=0)
-    generate.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    mode = generate.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    mode.add_argument("--beams", type=_int_at_least(2), default=None,
+                      help="beam search with this many beams instead of sampling")
+
+    translate = commands.add_parser("translate", help="translate sentences with a checkpoint")
+    translate.add_argument("--checkpoint", required=True, help="a directory written by train")
+    _add_runtime(translate)
+    translate.add_argument("--text", action="append", default=None,
+                           help="a sentence (repeatable); default: one sentence per stdin line")
+    translate.add_argument("--beams", type=_int_at_least(1), default=4, help="1: greedy")
+    translate.add_argument("--max-len", type=_int_at_least(1), default=30,
+                           help="most generated words")
+
+    evaluate = commands.add_parser("eval", help="validation loss (and BLEU) of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="a directory written by train")
+    _add_runtime(evaluate)
+    evaluate.add_argument("--data", default=None, help="default: the data it was trained on")
+    evaluate.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    evaluate.add_argument("--beams", type=_int_at_least(1), default=4,
+                          help="translate: beams for the BLEU decode (1: greedy)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -115,207 +208,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse printed its message; hand the code back
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    commands = {"train": train, "generate": generate, "translate": translate,
+                "eval": evaluate}
     try:
-        return train(args) if args.command == "train" else generate(args)
-    except UsageError as err:
+        _set_threads(args.backend, args.threads)
+        return commands[args.command](args)
+    except (UsageError, CheckpointError) as err:
         print(f"seqtwin {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 
-# ----------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------- runtime
 
-def _backend(name: str) -> Any:
-    """The ``reference`` or ``torch_impl`` package, imported on first use."""
-    if name == "torch":
-        import torch_impl
-        return torch_impl
-    import reference
-    return reference
-
-
-def _build_model(backend: str, model_config: dict, dtype: str, device: str = "cpu",
-                 seed: int | None = None) -> Any:
-    sq = _backend(backend)
-    if backend == "numpy":
-        return sq.RNNLM(**model_config, dtype=np.dtype(dtype), seed=seed)
-    import torch
-    if seed is not None:
-        torch.manual_seed(seed)
-    return sq.RNNLM(**model_config, device=device, dtype=getattr(torch, dtype))
-
-
-def _params(backend: str, model: Any) -> dict[str, Any]:
-    """The live parameters, by shared name (what AdamW updates in place)."""
-    if backend == "numpy":
-        return model.params
-    return {name: p for name, p in model.named_parameters()}
-
-
-def _to_numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {name: np.ascontiguousarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t)
-            for name, t in tensors.items()}
-
-
-def _from_numpy(backend: str, arrays: dict[str, np.ndarray], like: dict[str, Any]
-                ) -> dict[str, Any]:
-    """Arrays on the device (and in the dtype) of the matching entry of ``like``."""
-    if backend == "numpy":
-        return {k: v.astype(like[k].dtype) for k, v in arrays.items()}
-    import torch
-    return {k: torch.from_numpy(v).to(device=like[k].device, dtype=like[k].dtype)
-            for k, v in arrays.items()}
-
-
-def _as_backend_ids(backend: str, ids: np.ndarray, device: str) -> Any:
-    if backend == "numpy":
-        return ids
-    import torch
-    return torch.from_numpy(ids).to(device)
-
-
-def _train_step(backend: str, model: Any, optimizer: Any, x: Any, y: Any) -> float:
-    """One AdamW step on a batch with the global gradient norm clipped to 1; the loss."""
-    sq = _backend(backend)
-    if backend == "numpy":
-        _, loss, _ = model(x, y)
-        model.backward()
-        grads = model.grads
-    else:
-        optimizer_params = optimizer.params
-        for p in optimizer_params.values():
-            p.grad = None
-        _, loss, _ = model(x, y)
-        loss.backward()
-        loss = loss.detach()
-        grads = {name: p.grad for name, p in optimizer_params.items()}
-    sq.clip_grad_norm(grads, CLIP_NORM)
-    optimizer.step(grads)
-    return float(loss)
-
-
-def _eval_loss(backend: str, model: Any, val: np.ndarray, batch: int, block: int, seed: int,
-               device: str) -> float:
-    """Mean cross-entropy (nats/char) over EVAL_BATCHES fixed validation batches."""
-    rng = np.random.default_rng([seed, 1 << 30])  # the same batches at every evaluation
-    model.eval()
-    losses = []
-    for _ in range(EVAL_BATCHES):
-        x, y = char_batches(val, batch, block, rng)
-        if backend == "numpy":
-            _, loss, _ = model(x, y)
-        else:
-            import torch
-            with torch.no_grad():
-                _, loss, _ = model(_as_backend_ids(backend, x, device),
-                                   _as_backend_ids(backend, y, device))
-        losses.append(float(loss))
-    model.train()
-    return float(np.mean(losses))
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_name)`` then rename over ``path`` (same directory: the rename is atomic)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+def _set_threads(backend: str, threads: int | None) -> None:
+    if threads is None:
+        return
+    if backend == "torch":
+        import torch
+        torch.set_num_threads(threads)
     try:
-        write(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    def write(name: str) -> None:
-        Path(name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    _atomic_write(path, write)
-
-
-def _write_safetensors(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-    _atomic_write(path, lambda name: save_file(arrays, name))
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-    return load_file(str(path))
-
-
-def save_checkpoint(out: Path, config: dict, params: dict[str, np.ndarray],
-                    optimizer_state: dict[str, Any]) -> None:
-    """Parameters and optimizer buffers first, config.json (which names the step) last."""
-    _write_safetensors(out / "checkpoint.safetensors", params)
-    buffers = {f"{kind}.{name}": value for kind in ("exp_avg", "exp_avg_sq")
-               for name, value in _to_numpy(optimizer_state[kind]).items()}
-    _write_safetensors(out / "optimizer.safetensors", buffers)
-    _write_json(out / "config.json", config)
-
-
-def load_checkpoint(directory: Path, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, parameters as arrays); a UsageError naming ``argument`` when files are missing."""
-    if not directory.is_dir():
-        raise UsageError(f"{argument}: no such directory: {str(directory)!r}")
-    missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
-    if missing:
-        raise UsageError(f"{argument}: {str(directory)!r} holds no checkpoint "
-                         f"(missing {', '.join(missing)}); write one with `seqtwin train`")
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if config.get("task") != TASK:
-        raise UsageError(f"{argument}: checkpoint task is {config.get('task')!r}, "
-                         f"expected {TASK!r}")
-    return config, _read_safetensors(directory / "checkpoint.safetensors")
-
-
-def _load_optimizer_state(out: Path, step: int) -> dict[str, Any]:
-    path = out / "optimizer.safetensors"
-    if not path.is_file():
-        raise UsageError(f"--resume: {str(out)!r} has no optimizer.safetensors")
-    state: dict[str, Any] = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
-    for key, value in _read_safetensors(path).items():
-        kind, name = key.split(".", 1)
-        state[kind][name] = value
-    return state
-
-
-def _plot_losses(out: Path) -> str:
-    """Write out/loss.png from metrics.jsonl; returns a one-line note of what happened."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from threadpoolctl import threadpool_limits
     except ImportError:
-        return "note: matplotlib is not installed, skipped loss.png (pip install 'seqtwin[cli]')"
-    records = [json.loads(line) for line in
-               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([r["step"] for r in records], [r["train_loss"] for r in records], label="train")
-    evals = [r for r in records if "val_loss" in r]
-    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/char)")
-    axes.legend()
-    _atomic_write(out / "loss.png", lambda name: figure.savefig(name, format="png", dpi=100))
-    plt.close(figure)
-    return f"wrote {out / 'loss.png'}"
-
-
-# ----------------------------------------------------------------------------- train
-
-def _resolve_data(data: str) -> Path:
-    if data in CORPORA and not Path(data).exists():
-        corpus = CORPORA[data]
-        try:
-            return resolve_corpus(url=corpus.url, sha256=corpus.sha256)
-        except (OSError, ValueError) as err:  # no network, or a corrupted download
-            raise UsageError(f"--data: could not fetch {data!r} from {corpus.url}: {err}"
-                             ) from None
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--data: no such file: {data!r} (give a text file or one of "
-                         f"{', '.join(CORPORA)})")
-    return path
+        return
+    threadpool_limits(threads)
 
 
 def _check_device(backend: str, device: str) -> None:
@@ -332,126 +247,385 @@ def _check_device(backend: str, device: str) -> None:
         raise UsageError(f"--device: {device!r} asked for, but CUDA is not available")
 
 
-def _progress(start: int, stop: int) -> tuple[Any, bool]:
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, backend: str, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world == 1:
+            return
+        if backend != "torch":
+            raise UsageError("--backend: a torchrun job (WORLD_SIZE > 1) needs the torch "
+                             "backend")
+        import torch
+        import torch.distributed as dist
+        cuda = torch.device(device).type == "cuda"
+        if cuda:  # one GPU per rank
+            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: Any) -> Any:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model)
+
+    def global_mean(self, local_sum: float) -> float:
+        """Σ over ranks of ``local_sum`` (the ranks' token-weighted losses)."""
+        if self.world == 1:
+            return local_sum
+        import torch
+        import torch.distributed as dist
+        total = torch.tensor([local_sum], dtype=torch.float64,
+                             device=self.device if "cuda" in self.device else "cpu")
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data and tasks
+
+def _resolve_data(data: str, argument: str = "--data") -> Path:
+    if data in CORPORA and not Path(data).exists():
+        corpus = CORPORA[data]
+        try:
+            return resolve_corpus(url=corpus.url, sha256=corpus.sha256)
+        except (OSError, ValueError) as err:  # no network, or a corrupted download
+            raise UsageError(f"{argument}: could not fetch {data!r} from {corpus.url}: {err}"
+                             ) from None
+    path = Path(data).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{argument}: no such file: {data!r} (give a file or one of "
+                         f"{', '.join(CORPORA)})")
+    return path.resolve()
+
+
+def _char_data(path: Path, vocab_chars: Sequence[str] | None
+               ) -> tuple[CharVocab, np.ndarray, np.ndarray]:
+    corpus = load_char_corpus(path)
+    if vocab_chars is None:
+        return corpus.vocab, corpus.train, corpus.val
+    vocab = CharVocab("".join(vocab_chars))
+    unknown = sorted(set(corpus.vocab.chars) - set(vocab.chars))
+    if unknown:
+        raise UsageError(f"--data: characters {''.join(unknown)!r} are not in the "
+                         f"checkpoint's vocabulary of {len(vocab)} characters")
+    remap = vocab.encode("".join(corpus.vocab.chars))  # corpus id -> checkpoint id
+    return vocab, remap[corpus.train], remap[corpus.val]
+
+
+def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str, int]
+                            ) -> dict[str, Any]:
+    if task == "char-lm":
+        if args.model not in tk.CHAR_LM_MODELS:
+            raise UsageError(f"--model: the char-lm task takes one of "
+                             f"{', '.join(tk.CHAR_LM_MODELS)}, got {args.model!r}")
+        if args.model == "gpt":
+            if args.embed % args.heads:
+                raise UsageError(f"--heads: expected a divisor of --embed {args.embed}, "
+                                 f"got {args.heads}")
+            return {"kind": "gpt", "vocab_size": vocab["vocab"], "block_size": args.block,
+                    "n_layer": args.layers, "n_head": args.heads, "n_embd": args.embed,
+                    "dropout": args.dropout}
+        return {"kind": "rnn", "vocab_size": vocab["vocab"], "embed_size": args.embed,
+                "hidden_size": args.hidden, "num_layers": args.layers, "cell": args.model,
+                "dropout": args.dropout}
+    if args.model not in tk.TRANSLATE_MODELS:
+        raise UsageError(f"--model: the translate task takes one of "
+                         f"{', '.join(tk.TRANSLATE_MODELS)}, got {args.model!r}")
+    return {"kind": "seq2seq", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
+            "embed_size": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
+            "cell": args.model, "bidirectional": args.bidirectional,
+            "attention": None if args.attention == "none" else args.attention}
+
+
+def _make_task(name: str, data: str, settings: dict[str, Any],
+               model_config: dict[str, Any] | None, metadata: dict[str, Any] | None,
+               args: argparse.Namespace | None = None) -> Any:
+    """The task on ``data``: with the checkpoint's vocabulary (``metadata``) and model, or
+    with a vocabulary built from the data and a model from ``args``."""
+    path = _resolve_data(data)
+    try:
+        if name == "char-lm":
+            vocab, train_ids, val_ids = _char_data(path, metadata and metadata["vocab"])
+            if model_config is None:
+                model_config = _model_config_from_args(args, name, {"vocab": len(vocab)})
+            return tk.CharLMTask(vocab, train_ids, val_ids, model_config, settings["batch"],
+                                 settings["block"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pairs = load_translation_pairs(path, max_len=settings.get("max_len"))
+        for warning in caught:  # malformed lines: reported, skipped, never fatal
+            print(f"note: {warning.message}", file=sys.stderr)
+        src_vocab, tgt_vocab = pairs.src_vocab, pairs.tgt_vocab
+        if metadata is not None:
+            src_vocab = WordVocab.from_itos(metadata["src_vocab"])
+            tgt_vocab = WordVocab.from_itos(metadata["tgt_vocab"])
+        if model_config is None:
+            model_config = _model_config_from_args(
+                args, name, {"src": len(src_vocab), "tgt": len(tgt_vocab)})
+        return tk.TranslateTask(src_vocab, tgt_vocab, pairs.train_pairs, pairs.val_pairs,
+                                model_config, settings["batch"],
+                                settings.get("teacher_forcing", 1.0))
+    except ValueError as err:  # a data/size mismatch the task found
+        raise UsageError(f"--data: {err}") from None
+
+
+def _load(directory: str, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        return load_checkpoint(Path(directory).expanduser())
+    except CheckpointError as err:
+        raise UsageError(f"{argument}: {err}") from None
+
+
+def _metadata(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: config[k] for k in ("vocab", "src_vocab", "tgt_vocab") if k in config}
+
+
+# ----------------------------------------------------------------------------- train
+
+def _progress(start: int, stop: int, enabled: bool) -> tuple[Any, bool]:
     """(an iterable of steps, whether it is a tqdm bar)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return range(start, stop), False
+    if not enabled:
+        return range(start, stop), False
     return tqdm(range(start, stop), initial=start, total=stop, desc="train", unit="step"), True
+
+
+def _plot_losses(out: Path, unit: str) -> str:
+    """Write out/loss.png from metrics.jsonl; returns a one-line note of what happened."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "note: matplotlib is not installed, skipped loss.png (pip install 'seqtwin[cli]')"
+    records = [json.loads(line) for line in
+               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([r["step"] for r in records], [r["train_loss"] for r in records], label="train")
+    evals = [r for r in records if "val_loss" in r]
+    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"loss ({unit})")
+    axes.legend()
+    atomic_write(out / "loss.png", lambda name: figure.savefig(name, format="png", dpi=100))
+    plt.close(figure)
+    return f"wrote {out / 'loss.png'}"
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
+    return {"lr": args.lr, "warmup": min(warmup, args.steps), "steps": args.steps,
+            "batch": args.batch, "block": args.block, "seed": args.seed,
+            "weight_decay": args.weight_decay, "clip_norm": CLIP_NORM,
+            "teacher_forcing": args.teacher_forcing, "max_len": args.max_len,
+            "freeze_embeddings": args.freeze_embeddings}
 
 
 def train(args: argparse.Namespace) -> int:
     """``seqtwin train``: see the module docstring and ``seqtwin train --help``."""
     _check_device(args.backend, args.device)
-    corpus = load_char_corpus(_resolve_data(args.data))
+    dist = Distributed(args.backend, args.device)
+    try:
+        return _train(args, dist)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, dist: Distributed) -> int:
     out = Path(args.out).expanduser()
-    has_checkpoint = all((out / name).is_file() for name in CHECKPOINT_FILES)
-    if has_checkpoint and not args.resume:
+    if has_checkpoint(out) and not args.resume:
         raise UsageError(f"--out: {str(out)!r} already holds a checkpoint; pass --resume to "
                          f"continue it or choose another --out")
-
-    optimizer_state = None
+    base, saved, optimizer_buffers = None, None, None
     if args.resume:
-        config, saved_params = load_checkpoint(out, "--resume")
-        if config["vocab"] != corpus.vocab.chars:
-            raise UsageError(f"--data: its vocabulary differs from the checkpoint's in "
-                             f"{str(out)!r}; resume with the corpus it was trained on")
-        optimizer_state = _load_optimizer_state(out, config["step"])
-        model_config, dtype, start = config["model"], config["dtype"], config["step"]
+        base, saved = _load(args.out, "--resume")
+        settings = dict(base["train"], steps=args.steps)  # the run's own settings
+        start, dtype = base["step"], base["dtype"]
+        try:
+            optimizer_buffers = load_optimizer_buffers(out)
+        except CheckpointError as err:
+            raise UsageError(f"--resume: {err}") from None
     else:
-        model_config = {"vocab_size": len(corpus.vocab), "embed_size": args.embed,
-                        "hidden_size": args.hidden, "num_layers": args.layers,
-                        "cell": args.cell}
-        dtype, start = "float32", 0
-    for name, split in (("train", corpus.train), ("validation", corpus.val)):
-        if args.block >= len(split):
-            raise UsageError(f"--block: expected < {len(split)} (the {name} split's length), "
-                             f"got {args.block}")
-    if start >= args.steps:
+        settings, start, dtype = _settings(args), 0, args.dtype
+        if args.init_from:
+            base, saved = _load(args.init_from, "--init-from")
+    name = base["task"] if base else (args.task or "char-lm")
+    if args.task and base and args.task != name:
+        raise UsageError(f"--task: the checkpoint's task is {name!r}, got {args.task!r}")
+    if start >= settings["steps"]:
         raise UsageError(f"--steps: the checkpoint is at step {start} already; "
                          f"give --steps > {start} to train further")
+    data = (args.data or base["data"]) if args.resume else args.data
+    task = _make_task(name, data or DEFAULT_DATA[name], settings,
+                      base and base["model"], base and _metadata(base), args)
+    if settings["batch"] % dist.world:
+        raise UsageError(f"--batch: expected a multiple of the {dist.world} torchrun ranks, "
+                         f"got {settings['batch']}")
 
-    sq = _backend(args.backend)
-    model = _build_model(args.backend, model_config, dtype, args.device, args.seed)
-    params = _params(args.backend, model)
-    if args.resume:
-        live = _from_numpy(args.backend, saved_params, params)
-        model.load_state_dict(live)
-    optimizer = sq.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if optimizer_state is not None:
-        for kind in ("exp_avg", "exp_avg_sq"):
-            optimizer_state[kind] = _from_numpy(args.backend, optimizer_state[kind], params)
-        optimizer.load_state_dict(optimizer_state)
-    warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
-    warmup = min(warmup, args.steps)
+    sq = tk.backend_module(args.backend)
+    model = tk.build_model(args.backend, task.model_config, dtype, dist.device, settings["seed"])
+    if saved is not None:
+        try:
+            tk.load_arrays(args.backend, model, saved)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UsageError(f"--{'resume' if args.resume else 'init-from'}: its parameters "
+                             f"do not fit the model: {err}") from None
+    params = tk.parameters(args.backend, model)
+    frozen = set(tk.embedding_names(task.model_config)) if settings["freeze_embeddings"] else set()
+    trainable = {k: p for k, p in params.items() if k not in frozen}
+    if args.backend == "torch":
+        for k in frozen:
+            params[k].requires_grad_(False)
+    optimizer = sq.AdamW(trainable, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    if optimizer_buffers is not None:
+        state: dict[str, Any] = {"step": start}
+        for kind, arrays in optimizer_buffers.items():
+            state[kind] = tk.arrays_like(args.backend, arrays, trainable)
+        optimizer.load_state_dict(state)
+    runner = dist.wrap(model) if args.backend == "torch" else model
 
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"task": TASK, "model": model_config, "dtype": dtype, "vocab": corpus.vocab.chars,
-              "step": start, "data": str(args.data), "backend": args.backend,
-              "train": {"lr": args.lr, "warmup": warmup, "steps": args.steps,
-                        "batch": args.batch, "block": args.block, "seed": args.seed,
-                        "weight_decay": args.weight_decay, "clip_norm": CLIP_NORM}}
+    config = {"task": name, "model": task.model_config, "dtype": dtype, **task.metadata(),
+              "step": start, "data": str(_resolve_data(data or DEFAULT_DATA[name])),
+              "backend": args.backend, "init_from": base.get("init_from") if args.resume
+              else args.init_from, "train": settings}
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step: int) -> None:
         config["step"] = step
-        save_checkpoint(out, config, _to_numpy(params), optimizer.state_dict())
+        save_checkpoint(out, config, {k: tk.to_numpy(v) for k, v in params.items()},
+                        {kind: {k: tk.to_numpy(v) for k, v in buffers.items()}
+                         for kind, buffers in optimizer.state_dict().items()
+                         if kind != "step"})
 
-    steps, is_bar = _progress(start, args.steps)
-    tokens_per_step = args.batch * args.block
-    step, loss, val_loss = start, float("nan"), None
-    tick, tick_step = time.perf_counter(), start
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
-        try:
-            for step in steps:
-                optimizer.lr = sq.cosine_schedule(step, args.lr, warmup, args.steps,
-                                                  min_lr=args.lr / 10)
-                x, y = char_batches(corpus.train, args.batch, args.block,
-                                    np.random.default_rng([args.seed, step]))
-                loss = _train_step(args.backend, model, optimizer,
-                                   _as_backend_ids(args.backend, x, args.device),
-                                   _as_backend_ids(args.backend, y, args.device))
-                record = {"step": step + 1, "train_loss": loss, "lr": optimizer.lr}
-                done = step + 1
-                if done % args.eval_every == 0 or done == args.steps:
-                    val_loss = _eval_loss(args.backend, model, corpus.val, args.batch,
-                                          args.block, args.seed, args.device)
-                    record["val_loss"] = val_loss
-                    checkpoint(done)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                elapsed = time.perf_counter() - tick
-                tokens_per_s = tokens_per_step * (done - tick_step) / max(elapsed, 1e-9)
-                if is_bar:
-                    steps.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                elif done % args.log_every == 0 or "val_loss" in record:
-                    val = f" | val loss {val_loss:.4f}" if "val_loss" in record else ""
-                    print(f"step {done:>6} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s{val}",
-                          flush=True)
-                    tick, tick_step = time.perf_counter(), done
-        except KeyboardInterrupt:
+    return _loop(args, dist, task, model, runner, optimizer, trainable, settings, start, out,
+                 checkpoint, sq)
+
+
+def _train_step(backend: str, task: Any, model: Any, runner: Any, optimizer: Any,
+                trainable: dict[str, Any], batch: tk.Batch, dist: Distributed, sq: Any) -> float:
+    """One AdamW step on this rank's rows; returns the global batch's mean loss."""
+    local = tk.shard(batch, dist.rank, dist.world, task.count) if dist.world > 1 else batch
+    # DDP averages gradients over ranks: weigh each rank's mean loss by its share of tokens.
+    scale = dist.world * local.tokens / batch.tokens
+    arrays = {k: tk.to_backend(backend, v, dist.device) for k, v in local.arrays.items()}
+    if backend == "numpy":
+        loss = task.loss(backend, model, arrays)
+        model.backward(dloss=scale)
+        grads = {k: model.grads[k] for k in trainable}
+    else:
+        for p in trainable.values():
+            p.grad = None
+        loss = task.loss(backend, runner, arrays)
+        (loss * scale if scale != 1.0 else loss).backward()
+        grads = {k: p.grad for k, p in trainable.items()}
+    sq.clip_grad_norm(grads, CLIP_NORM)
+    optimizer.step(grads)
+    loss = float(loss) if backend == "numpy" else float(loss.detach())
+    return dist.global_mean(loss * local.tokens / batch.tokens)
+
+
+def _loop(args: argparse.Namespace, dist: Distributed, task: Any, model: Any, runner: Any,
+          optimizer: Any, trainable: dict[str, Any], settings: dict[str, Any], start: int,
+          out: Path, checkpoint: Callable[[int], None], sq: Any) -> int:
+    steps_total, lr, warmup = settings["steps"], settings["lr"], settings["warmup"]
+    steps, is_bar = _progress(start, steps_total, dist.main)
+    step, loss, metrics_now = start, float("nan"), {}
+    tick, tick_tokens = time.perf_counter(), 0
+    began = tick  # "seconds" in metrics.jsonl: wall time of this invocation, evaluations included
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.main else None
+    try:
+        for step in steps:
+            optimizer.lr = sq.cosine_schedule(step, lr, warmup, steps_total, min_lr=lr / 10)
+            batch = task.train_batch(settings["seed"], step)
+            loss = _train_step(args.backend, task, model, runner, optimizer, trainable, batch,
+                               dist, sq)
+            done = step + 1
+            tick_tokens += batch.tokens
+            tokens_per_s = tick_tokens / max(time.perf_counter() - tick, 1e-9)
+            if not dist.main:
+                continue
+            record: dict[str, Any] = {"step": done, "train_loss": loss, "lr": optimizer.lr,
+                                      "seconds": round(time.perf_counter() - began, 3)}
+            if done % args.eval_every == 0 or done == steps_total:
+                metrics_now = task.evaluate(args.backend, model, dist.device,
+                                            seed=settings["seed"], full=False)
+                record.update(metrics_now)
+                checkpoint(done)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if is_bar:
+                steps.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                  **{k: f"{v:.3f}" for k, v in metrics_now.items()})
+            elif done % args.log_every == 0 or "val_loss" in record:
+                shown = "".join(f" | {k} {v:.4f}" for k, v in metrics_now.items()
+                                if k in record)
+                print(f"step {done:>6} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s{shown}",
+                      flush=True)
+                tick, tick_tokens = time.perf_counter(), 0
+    except KeyboardInterrupt:
+        if dist.main:
             saved = optimizer.step_count
             checkpoint(saved)
             print(f"\ninterrupted: saved step {saved} to {out}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        finally:
-            if is_bar:
-                steps.close()
-    print(f"done: step {args.steps} | train loss {loss:.4f} | val loss {val_loss:.4f} "
-          f"nats/char | checkpoint {out}")
-    print(_plot_losses(out))
+        return EXIT_INTERRUPTED
+    finally:
+        if is_bar:
+            steps.close()
+        if metrics is not None:
+            metrics.close()
+    if dist.main:
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics_now.items())
+        print(f"done: step {steps_total} | train loss {loss:.4f} | {shown} "
+              f"({UNITS[task.name]}) | checkpoint {out}")
+        print(_plot_losses(out, UNITS[task.name]))
     return 0
 
 
-# ----------------------------------------------------------------------------- generate
+# ----------------------------------------------------------------------------- inference
+
+def _inference_model(args: argparse.Namespace, task_name: str, dtype: str = "float64"
+                     ) -> tuple[dict, Any]:
+    """(config, model in eval mode) of ``--checkpoint``, with ``task_name`` checked."""
+    _check_device(args.backend, args.device)
+    config, saved = _load(args.checkpoint, "--checkpoint")
+    if task_name and config["task"] != task_name:
+        raise UsageError(f"--checkpoint: its task is {config['task']!r}; `seqtwin "
+                         f"{args.command}` needs a {task_name!r} checkpoint")
+    model = tk.build_model(args.backend, config["model"], dtype, args.device)
+    try:
+        tk.load_arrays(args.backend, model, saved)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise UsageError(f"--checkpoint: its parameters do not fit its config.json: {err}"
+                         ) from None
+    model.eval()
+    return config, model
+
 
 def generate(args: argparse.Namespace) -> int:
     """``seqtwin generate``: prompt + max_new_tokens characters on stdout.
 
-    Runs in float64 on the CPU in either backend, so a checkpoint gives the same greedy text in
+    Runs in float64 in either backend, so a checkpoint gives the same greedy and beam text in
     both; sampling draws its uniforms from ``np.random.default_rng(seed)``, the same in both.
+    A GPT slides its context window when the text outgrows it (``tasks.gpt_window_step``).
     """
-    config, saved_params = load_checkpoint(Path(args.checkpoint).expanduser(), "--checkpoint")
+    config, model = _inference_model(args, "char-lm")
     vocab = CharVocab("".join(config["vocab"]))
     if not args.prompt:
         raise UsageError("--prompt: expected at least one character")
@@ -459,31 +633,77 @@ def generate(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--prompt: characters {''.join(unknown)!r} are not in the "
                          f"checkpoint's vocabulary of {len(vocab)} characters")
-    sq = _backend(args.backend)
-    model = _build_model(args.backend, config["model"], "float64")
-    model.load_state_dict(_from_numpy(args.backend, saved_params, _params(args.backend, model)))
-    model.eval()
-
+    backend, device = args.backend, args.device
+    sq = tk.backend_module(backend)
     prompt = vocab.encode(args.prompt)
-    state = model.init_state(1)
-    if len(prompt) > 1:  # run the prompt but its last character, which the decoder feeds
-        context = _as_backend_ids(args.backend, prompt[None, :-1], "cpu")
-        if args.backend == "numpy":
-            _, _, state = model(context, state=state)
+    context = tk.to_backend(backend, prompt[None, :-1], device)  # all but the fed last char
+    with tk.no_grad(backend):
+        if config["model"]["kind"] == "gpt":
+            keep = model.config.block_size - 1
+            history = tk.to_backend(backend, prompt[None, -keep - 1:-1], device)
+            state = (model.prefill(history)[1] if history.shape[1] else model.init_state(1))
+            step, state = tk.gpt_window_step(backend, model), tk.WindowState(state, history)
         else:
-            import torch
-            with torch.no_grad():
+            state = model.init_state(1)
+            if len(prompt) > 1:
                 _, _, state = model(context, state=state)
-    bos = _as_backend_ids(args.backend, prompt[-1:], "cpu")
-    if args.greedy:
-        result = sq.greedy_decode(model.step, state, bos, args.max_new_tokens)
+            step = model.step
+        bos = tk.to_backend(backend, prompt[-1:], device)
+        n = args.max_new_tokens
+        if args.greedy:
+            tokens = sq.greedy_decode(step, state, bos, n).tokens[0]
+        elif args.beams:
+            select = (sq.select_rows if config["model"]["kind"] == "gpt"
+                      else tk.select_layer_state)
+            tokens = sq.beam_search(step, state, bos, n, args.beams,
+                                    select_state=select).tokens[0, 0]
+        else:
+            uniforms = np.random.default_rng(args.seed).random((1, n))
+            tokens = sq.sample_decode(step, state, bos, n, temperature=args.temperature,
+                                      top_k=args.top_k or None, top_p=args.top_p,
+                                      uniforms=tk.to_backend(backend, uniforms, device)
+                                      ).tokens[0]
+    print(args.prompt + vocab.decode(tk.to_numpy(tokens)))
+    return 0
+
+
+def translate(args: argparse.Namespace) -> int:
+    """``seqtwin translate``: one translation per input sentence on stdout."""
+    config, model = _inference_model(args, "translate")
+    lines = args.text if args.text is not None else sys.stdin.read().splitlines()
+    sentences = [normalize_sentence(line) for line in lines if line.strip()]
+    if not sentences:
+        raise UsageError("--text: expected at least one non-empty sentence (or lines on stdin)")
+    src_vocab = WordVocab.from_itos(config["src_vocab"])
+    tgt_vocab = WordVocab.from_itos(config["tgt_vocab"])
+    task = tk.TranslateTask(src_vocab, tgt_vocab, [("", "")], [("", "")], config["model"], 1,
+                            max_decode_len=args.max_len)
+    for line in task.translate(args.backend, model, sentences, args.device, args.beams):
+        print(line)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``seqtwin eval``: loss over the whole validation split (translate: and BLEU)."""
+    config, _ = _load(args.checkpoint, "--checkpoint")
+    _, model = _inference_model(args, config["task"], args.dtype)
+    settings = dict(config["train"])
+    task = _make_task(config["task"], args.data or config["data"], settings, config["model"],
+                      _metadata(config))
+    started = time.perf_counter()
+    result = task.evaluate(args.backend, model, args.device, seed=settings["seed"], full=True,
+                           beams=args.beams)
+    result = {"task": config["task"], "step": config["step"], **result,
+              "val_perplexity": tk.perplexity(result["val_loss"]),
+              "seconds": round(time.perf_counter() - started, 2)}
+    if args.json:
+        print(json.dumps(result))
     else:
-        uniforms = np.random.default_rng(args.seed).random((1, args.max_new_tokens))
-        result = sq.sample_decode(model.step, state, bos, args.max_new_tokens,
-                                  temperature=args.temperature, top_k=args.top_k or None,
-                                  uniforms=_as_backend_ids(args.backend, uniforms, "cpu"))
-    tokens = np.asarray(_to_numpy({"tokens": result.tokens})["tokens"][0])
-    print(args.prompt + vocab.decode(tokens))
+        unit = UNITS[config["task"]]
+        print(f"step {result['step']}: val loss {result['val_loss']:.4f} {unit} "
+              f"(perplexity {result['val_perplexity']:.2f})"
+              + (f", BLEU {result['val_bleu']:.2f} ({args.beams} beams)"
+                 if "val_bleu" in result else ""))
     return 0
 
 

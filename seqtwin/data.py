@@ -244,6 +244,18 @@ class WordVocab:
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         self.min_count = min_count
 
+    @classmethod
+    def from_itos(cls, itos: Sequence[str]) -> "WordVocab":
+        """The vocabulary whose id -> word list is ``itos`` (as saved in a checkpoint)."""
+        itos = list(itos)
+        if itos[:len(cls.SPECIALS)] != list(cls.SPECIALS) or len(set(itos)) != len(itos):
+            raise ValueError(f"itos: expected {list(cls.SPECIALS)} then distinct words, got "
+                             f"{itos[:6]}...")
+        vocab = cls([], 1)
+        vocab.itos = itos
+        vocab.stoi = {w: i for i, w in enumerate(itos)}
+        return vocab
+
     def __len__(self) -> int:
         return len(self.itos)
 

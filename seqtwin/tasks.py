@@ -1,0 +1,355 @@
+"""The two tasks of the ``seqtwin`` command line, written once for both backends.
+
+- ``CharLMTask`` ("char-lm"): a character-level language model on a text file (Tiny
+  Shakespeare by default), model ``rnn_tanh``/``rnn_relu``/``lstm``/``gru`` (``RNNLM``) or
+  ``gpt`` (``GPT``); validation loss in nats/char.
+- ``TranslateTask`` ("translate"): a ``Seq2Seq`` encoder-decoder with attention on a TSV of
+  sentence pairs (eng-fra by default); validation loss in nats/word and sacrebleu BLEU.
+
+A task owns its data and vocabulary and knows how to build its model in either backend
+(``build_model``), draw the global training batch of a step (``train_batch``, a pure function
+of (seed, step), so resuming replays the same stream), cut it into the rows of one
+DistributedDataParallel rank (``shard``), compute the loss, evaluate, and decode.
+Batches are NumPy arrays; ``to_backend`` moves them to torch when the backend is torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from .data import CharVocab, WordVocab, char_batches, pad_batch
+
+RNN_MODELS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+CHAR_LM_MODELS = RNN_MODELS + ("gpt",)
+TRANSLATE_MODELS = ("lstm", "gru")
+ATTENTIONS = ("none", "dot", "general", "concat", "bahdanau")
+EVAL_BATCHES = 8        # validation batches of a periodic char-lm evaluation during training
+DECODE_BATCH = 256      # sentences per decoding call
+
+
+# ----------------------------------------------------------------------------- backends
+
+def backend_module(name: str) -> Any:
+    """The ``reference`` (``numpy``) or ``torch_impl`` (``torch``) package, imported lazily."""
+    if name == "torch":
+        import torch_impl
+        return torch_impl
+    if name == "numpy":
+        import reference
+        return reference
+    raise ValueError(f"backend: expected 'numpy' or 'torch', got {name!r}")
+
+
+def to_backend(backend: str, array: np.ndarray, device: str = "cpu") -> Any:
+    if backend == "numpy":
+        return array
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def no_grad(backend: str) -> contextlib.AbstractContextManager:
+    if backend == "numpy":
+        return contextlib.nullcontext()
+    import torch
+    return torch.no_grad()
+
+
+def build_model(backend: str, model_config: Mapping[str, Any], dtype: str, device: str = "cpu",
+                seed: int | None = None) -> Any:
+    """An ``RNNLM``, ``GPT`` or ``Seq2Seq`` of ``model_config`` (``{"kind": ..., sizes}``)."""
+    sq = backend_module(backend)
+    kind = model_config["kind"]
+    sizes = {k: v for k, v in model_config.items() if k != "kind"}
+    if backend == "numpy":
+        factory: dict[str, Any] = {"dtype": np.dtype(dtype), "seed": seed}
+    else:
+        import torch
+        if seed is not None:
+            torch.manual_seed(seed)
+        factory = {"device": device, "dtype": getattr(torch, dtype)}
+    if kind == "rnn":
+        return sq.RNNLM(**sizes, **factory)
+    if kind == "gpt":
+        return sq.GPT(sq.GPTConfig(**sizes), **factory)
+    if kind == "seq2seq":
+        return sq.Seq2Seq(sq.Seq2SeqConfig(**sizes), **factory)
+    raise ValueError(f"model_config['kind']: expected 'rnn', 'gpt' or 'seq2seq', got {kind!r}")
+
+
+def parameters(backend: str, model: Any) -> dict[str, Any]:
+    """The live parameters by shared name (what the optimizer updates in place)."""
+    if backend == "numpy":
+        return model.params
+    return dict(model.named_parameters())
+
+
+def arrays_like(backend: str, arrays: Mapping[str, np.ndarray], like: Mapping[str, Any]
+                ) -> dict[str, Any]:
+    """Saved arrays in the dtype (and on the device) of the same-named entries of ``like``;
+    names that ``like`` lacks are kept as they are, for the loader to report."""
+    if backend == "numpy":
+        return {k: np.asarray(v).astype(like[k].dtype) if k in like else v
+                for k, v in arrays.items()}
+    import torch
+    return {k: torch.from_numpy(np.asarray(v)).to(device=like[k].device, dtype=like[k].dtype)
+            if k in like else torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+
+
+def load_arrays(backend: str, model: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy saved arrays into the model, converting to its dtype and device."""
+    model.load_state_dict(arrays_like(backend, arrays, parameters(backend, model)))
+
+
+def embedding_names(model_config: Mapping[str, Any]) -> list[str]:
+    """The parameters ``--freeze-embeddings`` keeps fixed. GPT's head is tied to wte, so
+    freezing wte freezes the output layer too."""
+    kind = model_config["kind"]
+    if kind == "rnn":
+        return ["embedding.weight"]
+    if kind == "gpt":
+        return ["transformer.wte.weight", "transformer.wpe.weight"]
+    return ["encoder.embedding.weight", "decoder.embedding.weight"]
+
+
+def _concat(backend: str, a: Any, b: Any) -> Any:
+    if backend == "numpy":
+        return np.concatenate([a, b], axis=1)
+    import torch
+    return torch.cat([a, b], dim=1)
+
+
+def select_layer_state(state: tuple, index: Any) -> tuple:
+    """Rows ``index`` of an RNN state ((h,) or (h, c), each (L, B, H): batch on axis 1)."""
+    return tuple(s[:, index] for s in state)
+
+
+class WindowState(NamedTuple):
+    """A GPT decoding state that slides: the model's state and every token fed so far."""
+    state: Any
+    history: Any      # (B, t) ids
+
+
+def gpt_window_step(backend: str, model: Any) -> Any:
+    """A ``step`` for the decoders that runs past GPT's context: when the KV cache is full,
+    the state is rebuilt from the last ``block_size // 2`` tokens (nanoGPT crops the same way)
+    and decoding goes on."""
+    block = model.config.block_size
+    keep = max(1, block // 2)
+
+    def step(tokens: Any, window: WindowState) -> tuple[Any, WindowState]:
+        state, history = window
+        if state.position >= block:
+            with no_grad(backend):
+                _, state = model.prefill(history[:, -keep:])
+        logits, state = model.step(tokens, state)
+        return logits, WindowState(state, _concat(backend, history, tokens[:, None]))
+    return step
+
+
+# ----------------------------------------------------------------------------- batches
+
+class Batch(NamedTuple):
+    """The arrays of one batch (rows on axis 0) and its number of scored target tokens."""
+    arrays: dict[str, np.ndarray]
+    tokens: int
+
+
+def shard(batch: Batch, rank: int, world: int, count: Any) -> Batch:
+    """Rank ``rank``'s equal slice of the rows of a global batch (DistributedDataParallel)."""
+    rows = len(next(iter(batch.arrays.values())))
+    size = rows // world
+    arrays = {k: v[rank * size:(rank + 1) * size] for k, v in batch.arrays.items()}
+    return Batch(arrays, count(arrays))
+
+
+# ----------------------------------------------------------------------------- char-lm
+
+class CharLMTask:
+    """Character-level language modelling: next-character cross-entropy, nats/char."""
+
+    name = "char-lm"
+
+    def __init__(self, vocab: CharVocab, train: np.ndarray, val: np.ndarray,
+                 model_config: Mapping[str, Any], batch_size: int, block_size: int) -> None:
+        self.vocab, self.train, self.val = vocab, train, val
+        self.model_config = dict(model_config)
+        self.batch_size, self.block_size = batch_size, block_size
+        if model_config["kind"] == "gpt" and block_size > model_config["block_size"]:
+            raise ValueError(f"block_size: expected <= the GPT's context "
+                             f"{model_config['block_size']}, got {block_size}")
+        for split, ids in (("train", train), ("validation", val)):
+            if block_size >= len(ids):
+                raise ValueError(f"block_size: expected < {len(ids)} (the {split} split's "
+                                 f"length), got {block_size}")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.chars}
+
+    def train_batch(self, seed: int, step: int) -> Batch:
+        x, y = char_batches(self.train, self.batch_size, self.block_size,
+                            np.random.default_rng([seed, step]))
+        return Batch({"ids": x, "targets": y}, x.size)
+
+    @staticmethod
+    def count(arrays: Mapping[str, np.ndarray]) -> int:
+        return int(arrays["targets"].size)
+
+    def loss(self, backend: str, model: Any, arrays: Mapping[str, Any]) -> Any:
+        """Mean cross-entropy over the batch's characters (RNNLM and GPT both put it 2nd)."""
+        return model(arrays["ids"], arrays["targets"])[1]
+
+    def _val_batches(self, full: bool, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if not full:  # the same random batches at every evaluation of a run
+            rng = np.random.default_rng([seed, 1 << 30])
+            for _ in range(EVAL_BATCHES):
+                yield char_batches(self.val, self.batch_size, self.block_size, rng)
+            return
+        T = self.block_size  # every character of the split, in non-overlapping windows
+        windows = (len(self.val) - 1) // T
+        starts = np.arange(windows) * T
+        for i in range(0, windows, self.batch_size):
+            chunk = starts[i:i + self.batch_size, None] + np.arange(T)
+            yield self.val[chunk], self.val[chunk + 1]
+
+    def evaluate(self, backend: str, model: Any, device: str, seed: int = 0,
+                 full: bool = False, **_: Any) -> dict[str, float]:
+        """{"val_loss": nats/char}: over EVAL_BATCHES fixed random batches, or with
+        ``full`` over the whole validation split cut into windows of ``block_size``."""
+        model.eval()
+        total, count = 0.0, 0
+        with no_grad(backend):
+            for x, y in self._val_batches(full, seed):
+                loss = self.loss(backend, model, {"ids": to_backend(backend, x, device),
+                                                  "targets": to_backend(backend, y, device)})
+                total += float(loss) * y.size
+                count += y.size
+        model.train()
+        return {"val_loss": total / count}
+
+
+# ----------------------------------------------------------------------------- translate
+
+class TranslateTask:
+    """Sentence translation with a Seq2Seq: cross-entropy over target words (and EOS), and
+    BLEU of decoded validation sentences against their references (sacrebleu)."""
+
+    name = "translate"
+
+    def __init__(self, src_vocab: WordVocab, tgt_vocab: WordVocab,
+                 train_pairs: Sequence[tuple[str, str]], val_pairs: Sequence[tuple[str, str]],
+                 model_config: Mapping[str, Any], batch_size: int,
+                 teacher_forcing: float = 1.0, max_decode_len: int = 30) -> None:
+        self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
+        self.train_pairs, self.val_pairs = list(train_pairs), list(val_pairs)
+        self.model_config = dict(model_config)
+        self.batch_size = batch_size
+        if not 0.0 <= teacher_forcing <= 1.0:
+            raise ValueError(f"teacher_forcing: expected a ratio in [0, 1], got "
+                             f"{teacher_forcing}")
+        self.teacher_forcing = teacher_forcing
+        self.max_decode_len = max_decode_len
+        if not self.train_pairs or not self.val_pairs:
+            raise ValueError(f"pairs: expected training and validation pairs, got "
+                             f"{len(self.train_pairs)} and {len(self.val_pairs)}")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"src_vocab": self.src_vocab.itos, "tgt_vocab": self.tgt_vocab.itos}
+
+    def _arrays(self, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+        src, src_lengths = pad_batch([self.src_vocab.encode(s) for s, _ in pairs],
+                                     WordVocab.PAD)
+        ys = [self.tgt_vocab.encode(t) for _, t in pairs]
+        tgt_in, _ = pad_batch([np.r_[WordVocab.BOS, y] for y in ys], WordVocab.PAD)
+        tgt_out, _ = pad_batch([np.r_[y, WordVocab.EOS] for y in ys], WordVocab.PAD)
+        return {"src": src, "src_lengths": src_lengths, "tgt_in": tgt_in, "targets": tgt_out}
+
+    def train_batch(self, seed: int, step: int) -> Batch:
+        rng = np.random.default_rng([seed, step])
+        size = min(self.batch_size, len(self.train_pairs))
+        index = rng.choice(len(self.train_pairs), size=size, replace=False)
+        arrays = self._arrays([self.train_pairs[i] for i in index])
+        if self.teacher_forcing < 1.0:
+            mask = rng.random(arrays["tgt_in"].shape) < self.teacher_forcing
+            mask[:, 0] = True  # the first input (BOS) has no previous prediction
+            arrays["teacher_mask"] = mask
+        return Batch(arrays, self.count(arrays))
+
+    @staticmethod
+    def count(arrays: Mapping[str, np.ndarray]) -> int:
+        return int((arrays["targets"] != WordVocab.PAD).sum())
+
+    def loss(self, backend: str, model: Any, arrays: Mapping[str, Any]) -> Any:
+        """Mean cross-entropy over the target words that are not PAD."""
+        extra = {"teacher_mask": arrays["teacher_mask"]} if "teacher_mask" in arrays else {}
+        return model(arrays["src"], arrays["src_lengths"], arrays["tgt_in"], arrays["targets"],
+                     **extra)[1]
+
+    def translate(self, backend: str, model: Any, sentences: Sequence[str], device: str,
+                  beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+        """Normalised source sentences -> target sentences (greedy, or beam search)."""
+        sq = backend_module(backend)
+        out: list[str] = []
+        model.eval()
+        for i in range(0, len(sentences), DECODE_BATCH):
+            chunk = sentences[i:i + DECODE_BATCH]
+            src, lengths = pad_batch([self.src_vocab.encode(s) for s in chunk], WordVocab.PAD)
+            bos = np.full(len(chunk), WordVocab.BOS, dtype=np.int64)
+            with no_grad(backend):
+                state = model.encode(to_backend(backend, src, device),
+                                     to_backend(backend, lengths, device))
+                bos_ids = to_backend(backend, bos, device)
+                if beams == 1:
+                    tokens = sq.greedy_decode(model.step, state, bos_ids, self.max_decode_len,
+                                              eos_id=WordVocab.EOS).tokens
+                else:
+                    tokens = sq.beam_search(model.step, state, bos_ids, self.max_decode_len,
+                                            beams, eos_id=WordVocab.EOS,
+                                            length_penalty=length_penalty).tokens[:, 0]
+            out.extend(self.tgt_vocab.decode(row) for row in to_numpy(tokens))
+        model.train()
+        return out
+
+    def evaluate(self, backend: str, model: Any, device: str, beams: int = 1,
+                 full: bool = True, **_: Any) -> dict[str, float]:
+        """{"val_loss": nats/word (teacher-forced), "val_bleu": sacrebleu corpus BLEU}."""
+        model.eval()
+        total, count = 0.0, 0
+        with no_grad(backend):
+            for i in range(0, len(self.val_pairs), DECODE_BATCH):
+                arrays = self._arrays(self.val_pairs[i:i + DECODE_BATCH])
+                n = self.count(arrays)
+                loss = self.loss(backend, model, {k: to_backend(backend, v, device)
+                                                  for k, v in arrays.items()})
+                total += float(loss) * n
+                count += n
+        hypotheses = self.translate(backend, model, [s for s, _ in self.val_pairs], device,
+                                    beams)
+        model.train()
+        return {"val_loss": total / count,
+                "val_bleu": bleu(hypotheses, [t for _, t in self.val_pairs])}
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU of normalised sentences, one reference each."""
+    try:
+        import sacrebleu
+    except ImportError:  # pragma: no cover - the cli extra installs it
+        raise ImportError("BLEU needs sacrebleu: pip install 'seqtwin[cli]'") from None
+    # The sentences are already split into words and punctuation (normalize_sentence), so
+    # sacrebleu scores them as they are: tokenize="none".
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
+                                       tokenize="none").score)
+
+
+def perplexity(nats: float) -> float:
+    return math.exp(min(nats, 700.0))
