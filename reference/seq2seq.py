@@ -1,4 +1,5 @@
-"""An RNN encoder-decoder with Luong attention (Luong, Pham & Manning 2015).
+"""An RNN encoder-decoder with Luong (Luong, Pham & Manning 2015) or Bahdanau (Bahdanau, Cho
+& Bengio 2015) attention.
 
 For source ids src (B, Ts) with lengths n_b, teacher-forced target input tgt_in (B, Tt),
 cell ∈ {"lstm", "gru"}, D = 2 if bidirectional else 1, H the encoder size per direction:
@@ -15,12 +16,33 @@ cell ∈ {"lstm", "gru"}, D = 2 if bidirectional else 1, H the encoder size per 
 
 With ``attention=None`` the attention and W_c are skipped: h̃ = h.
 
+With ``attention="bahdanau"`` the attention comes before the decoder RNN and its query is the
+previous state, so the decoder runs one step at a time; for t = 1..Tt, with s_0 as above and
+q_t = h^(L)_{t-1} the top layer's h of s_{t-1} (B, Hd):
+
+    c_t, a_t   = additive_attention(q_t, m; mask)        e_tj = vᵀ tanh(W_q q_t + W_k m_j + b)
+    h_t, s_t   = decoder-RNN([E_tgt[y_t]; c_t], s_{t-1})  one step, input size E + Hd
+    h̃_t        = tanh(W_c [c_t; h_t])                     the same W_c (Hd, 2·Hd) as Luong's
+    logits_t   = h̃_t W_headᵀ + b_head                    (B, V_tgt)
+
+W_q (A, Hd), W_k (A, Hd), b (A,), v (1, A), A = Hd.
+
 Bridge: the decoder's hidden size is D·H and its initial state, per layer, is the encoder's
 final forward and backward states concatenated (h and, for the LSTM, c), so the bridge is a
 reshape with no parameters (simpler than a learned tanh(W [h_fwd; h_bwd] + b) projection,
 and the memory m and the decoder's h have the same size D·H, which the "dot" score needs).
 
-Teacher forcing is full (ratio 1.0): the decoder reads the whole gold tgt_in in one RNN call.
+Teacher forcing: the decoder input at step t is
+
+    y_t[b] = tgt_in[b, t]                  where teacher_mask[b, t]  (None: everywhere)
+             argmax_v logits[b, t-1, v]    elsewhere: the model's own previous prediction
+
+with column 0 all True (step 0 has no previous prediction). The argmax is a choice, not a
+function of the parameters: it carries no gradient, and the embedding rows actually read get
+theirs. Two paths compute the decoder: Luong or no attention under full teacher forcing reads
+the whole tgt_in in one RNN call; Bahdanau, or a teacher_mask with a False, runs the decoder
+step by step (``_decoder_steps_forward``, the same per-step decoder as ``Seq2Seq.step``),
+and its backward runs the steps in reverse carrying dstate.
 Target padding is handled by the loss only (targets == ignore_index, PAD = 0 by default);
 the decoder is causal, so trailing padding never changes the logits of earlier positions.
 
@@ -30,7 +52,9 @@ rnn_attention.py, linear.py, activations.py, loss.py); this file only wires them
 Parameter names: ``encoder.embedding.weight`` (V_src, E), ``encoder.rnn.<torch.nn names>``,
 ``decoder.embedding.weight`` (V_tgt, E), ``decoder.rnn.<torch.nn names>``,
 ``decoder.attention.<LuongAttention names>`` ("weight" for "general", "concat.weight" and
-"energy.weight" for "concat", none for "dot"), ``decoder.combine.weight`` (Hd, 2·Hd),
+"energy.weight" for "concat", none for "dot") or ``decoder.attention.<AdditiveAttention
+names>`` for "bahdanau" ("query_proj.weight", "key_proj.weight", "key_proj.bias",
+"energy.weight"), ``decoder.combine.weight`` (Hd, 2·Hd),
 ``decoder.head.weight`` (V_tgt, Hd), ``decoder.head.bias`` (V_tgt,).
 
 Decoding state (``Seq2SeqState``): memory (B, Ts, Hd), key_padding_mask (B, Ts) and the
@@ -46,7 +70,13 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from .activations import TanhCache, tanh_backward, tanh_forward
-from .checks import check_float_array, check_int_array, check_positive_int
+from .checks import (
+    check_float_array,
+    check_int_array,
+    check_positive_int,
+    check_probability,
+    check_shape,
+)
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .gru import GRU
 from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
@@ -56,20 +86,27 @@ from .lstm import LSTM
 from .module import Module
 from .recurrent import StackCache
 from .rnn_attention import (
+    LUONG_SCORES,
+    AdditiveAttention,
+    AdditiveAttentionCache,
     LuongAttention,
     LuongAttentionCache,
+    additive_attention_backward,
+    additive_attention_forward,
     luong_attention_backward,
     luong_attention_forward,
 )
 
 SEQ2SEQ_CELLS = ("lstm", "gru")
-ATTENTION_SCORES = (None, "dot", "general", "concat")
+ATTENTION_SCORES = (None, "dot", "general", "concat")   # the Luong decoder's scores, or none
+ATTENTIONS = ATTENTION_SCORES + ("bahdanau",)           # every decoder Seq2SeqConfig accepts
 PAD = 0
 
 
 @dataclass(frozen=True)
 class Seq2SeqConfig:
-    """Sizes and choices of a Seq2Seq model; ``attention`` is a Luong score or None."""
+    """Sizes and choices of a Seq2Seq model; ``attention`` is a Luong score, "bahdanau" or
+    None (one of ATTENTIONS)."""
     src_vocab: int
     tgt_vocab: int
     embed_size: int
@@ -88,9 +125,9 @@ class Seq2SeqConfig:
         if not isinstance(self.bidirectional, bool):
             raise TypeError(f"bidirectional: expected a bool, got "
                             f"{type(self.bidirectional).__name__}")
-        if self.attention not in ATTENTION_SCORES:
+        if self.attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of "
-                             f"{', '.join(map(repr, ATTENTION_SCORES))}, got {self.attention!r}")
+                             f"{', '.join(map(repr, ATTENTIONS))}, got {self.attention!r}")
 
     @property
     def num_directions(self) -> int:
@@ -148,6 +185,25 @@ def _check_src(src: object, src_lengths: object, config: Seq2SeqConfig) -> np.nd
     return src_lengths.astype(np.int64)
 
 
+def _check_teacher_mask(teacher_mask: object, tgt_in: np.ndarray) -> np.ndarray | None:
+    """teacher_mask bool (B, Tt), True = read tgt_in, with column 0 all True; None passes."""
+    if teacher_mask is None:
+        return None
+    shape = tgt_in.shape
+    if not isinstance(teacher_mask, np.ndarray):
+        raise TypeError(f"teacher_mask: expected a bool numpy.ndarray of shape {shape} (B, Tt), "
+                        f"got {type(teacher_mask).__name__}")
+    if teacher_mask.dtype != np.bool_:
+        raise TypeError(f"teacher_mask: expected dtype bool (True = read tgt_in, False = the "
+                        f"model's previous prediction), got {teacher_mask.dtype}")
+    check_shape("teacher_mask", teacher_mask.shape, shape)
+    if not teacher_mask[:, 0].all():
+        rows = np.flatnonzero(~teacher_mask[:, 0]).tolist()
+        raise ValueError(f"teacher_mask: column 0 must be all True (step 0 has no previous "
+                         f"prediction to read), got False in rows {rows}")
+    return teacher_mask
+
+
 def _sub(params: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
@@ -187,51 +243,115 @@ def _encoder_forward(src: np.ndarray, src_lengths: np.ndarray, params: Mapping,
 
 class DecoderCache(NamedTuple):
     embedding: EmbeddingCache
+    attention: LuongAttentionCache | AdditiveAttentionCache | None   # None without attention
     rnn: StackCache
-    attention: LuongAttentionCache | None   # None without attention
     combine: LinearCache | None             # W_c [c; h]
     tanh: TanhCache | None                  # h̃ = tanh(W_c [c; h])
     head: LinearCache
 
 
-def _decoder_forward(tgt_in: np.ndarray, state0: tuple, memory: np.ndarray,
+def _decoder_forward(tokens: np.ndarray, state0: tuple, memory: np.ndarray,
                      key_padding_mask: np.ndarray, params: Mapping, config: Seq2SeqConfig
                      ) -> tuple[np.ndarray, tuple, DecoderCache]:
-    """(logits (B, Tt, V_tgt), decoder state s_n, cache) for teacher-forced tgt_in."""
-    y, embedding = embedding_forward(tgt_in, params["decoder.embedding.weight"])
-    h, state_n, rnn = _recurrent_forward(config.cell, y, _sub(params, "decoder.rnn."), state0,
+    """(logits (B, T, V_tgt), decoder state s_T, cache) for decoder inputs tokens (B, T).
+
+    Luong or no attention runs all T steps in one RNN call; Bahdanau's query is s_{t-1}, so
+    it takes one step (T = 1): this is then the per-step decoder of training and decoding.
+    """
+    y, embedding = embedding_forward(tokens, params["decoder.embedding.weight"])
+    x, context, attention = y, None, None
+    if config.attention == "bahdanau":
+        query = state0[0][-1][:, None]            # q_t = top layer's h of s_{t-1}  (B, 1, Hd)
+        (context, _), attention = additive_attention_forward(
+            query, memory, _sub(params, "decoder.attention."), key_padding_mask)
+        x = np.concatenate([y, context], axis=-1)  # [E_tgt[y_t]; c_t]
+    h, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "decoder.rnn."), state0,
                                          None, 0.0, None)
-    attention = combine = tanh = None
-    h_tilde = h
-    if config.attention is not None:
+    if config.attention in LUONG_SCORES:
         (context, _), attention = luong_attention_forward(
             h, memory, _sub(params, "decoder.attention."), config.attention, key_padding_mask)
+    combine = tanh = None
+    h_tilde = h
+    if context is not None:
         pre, combine = linear_forward(np.concatenate([context, h], axis=-1),
                                       params["decoder.combine.weight"])
         h_tilde, tanh = tanh_forward(pre)
     logits, head = linear_forward(h_tilde, params["decoder.head.weight"],
                                   params["decoder.head.bias"])
-    return logits, state_n, DecoderCache(embedding, rnn, attention, combine, tanh, head)
+    return logits, state_n, DecoderCache(embedding, attention, rnn, combine, tanh, head)
 
 
-def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqConfig
+def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqConfig,
+                      dstate_n: tuple | None = None
                       ) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
-    """(dparams of the decoder, dmemory or None, dstate0 of the decoder)."""
+    """(dparams of the decoder, dmemory or None, dstate0) from dlogits and dstate_n (None:
+    zeros), the gradient on the final decoder state."""
     dh_tilde, dhead_weight, dhead_bias = linear_backward(dlogits, cache.head)
     dparams = {"decoder.head.weight": dhead_weight, "decoder.head.bias": dhead_bias}
-    dmemory, dh = None, dh_tilde
-    if cache.attention is not None:
+    dcontext, dh, dmemory = None, dh_tilde, None
+    if cache.combine is not None:
         dpre = tanh_backward(dh_tilde, cache.tanh)                       # h̃ = tanh(pre)
         dcat, dparams["decoder.combine.weight"], _ = linear_backward(dpre, cache.combine)
         Hd = config.decoder_size
         dcontext, dh = dcat[..., :Hd], dcat[..., Hd:]                    # [c; h]
+    if config.attention in LUONG_SCORES:
         dh_score, dmemory, dattention = luong_attention_backward(dcontext, cache.attention)
         dh = dh + dh_score
         dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
-    dy, drnn, dstate0 = _recurrent_backward(config.cell, dh, cache.rnn, None)
+    dx, drnn, dstate0 = _recurrent_backward(config.cell, dh, cache.rnn, dstate_n)
+    dy = dx
+    if config.attention == "bahdanau":
+        E = config.embed_size
+        dy, dcontext_in = dx[..., :E], dx[..., E:]                       # [E_tgt[y_t]; c_t]
+        dquery, dmemory, dattention = additive_attention_backward(dcontext + dcontext_in,
+                                                                  cache.attention)
+        dh0 = dstate0[0].copy()
+        dh0[-1] += dquery[:, 0]                   # q_t = top layer's h of s_{t-1}
+        dstate0 = (dh0,) + dstate0[1:]
+        dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
     dparams["decoder.embedding.weight"] = embedding_backward(dy, cache.embedding)
     dparams.update({"decoder.rnn." + k: v for k, v in drnn.items()})
     return dparams, dmemory, dstate0
+
+
+class DecoderStepsCache(NamedTuple):
+    steps: list          # the DecoderCache of each step t, each for tokens (B, 1)
+
+
+def _decoder_steps_forward(tgt_in: np.ndarray, teacher_mask: np.ndarray | None, state0: tuple,
+                           memory: np.ndarray, key_padding_mask: np.ndarray, params: Mapping,
+                           config: Seq2SeqConfig
+                           ) -> tuple[np.ndarray, tuple, DecoderStepsCache]:
+    """(logits (B, Tt, V_tgt), decoder state s_n, cache), one step at a time; step t reads
+    tgt_in[:, t] where teacher_mask[:, t] (None: everywhere), else argmax(logits[:, t-1])."""
+    state, logits, steps = state0, [], []
+    for t in range(tgt_in.shape[1]):
+        tokens = tgt_in[:, t]
+        if t > 0 and teacher_mask is not None:
+            # The model's own choice: data, not a function of the parameters (no gradient).
+            tokens = np.where(teacher_mask[:, t], tokens, logits[-1][:, 0].argmax(axis=-1))
+        logits_t, state, step = _decoder_forward(tokens[:, None], state, memory,
+                                                 key_padding_mask, params, config)
+        logits.append(logits_t)
+        steps.append(step)
+    return np.concatenate(logits, axis=1), state, DecoderStepsCache(steps)
+
+
+def _decoder_steps_backward(dlogits: np.ndarray, cache: DecoderStepsCache,
+                            config: Seq2SeqConfig
+                            ) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple]:
+    """(dparams of the decoder, dmemory or None, dstate0): the steps in reverse, carrying
+    dstate from step t back into step t-1 and summing the parameter and memory gradients."""
+    dparams: dict[str, np.ndarray] = {}
+    dmemory, dstate = None, None
+    for t in reversed(range(len(cache.steps))):
+        dparams_t, dmemory_t, dstate = _decoder_backward(dlogits[:, t:t + 1], cache.steps[t],
+                                                         config, dstate)
+        for name, d in dparams_t.items():
+            dparams[name] = dparams[name] + d if name in dparams else d
+        if dmemory_t is not None:
+            dmemory = dmemory_t if dmemory is None else dmemory + dmemory_t
+    return dparams, dmemory, dstate
 
 
 # --------------------------------------------------------------------------- functional
@@ -240,35 +360,58 @@ class Seq2SeqCache(NamedTuple):
     config: Seq2SeqConfig
     names: tuple                    # params keys, in order, for the order of dparams
     encoder: EncoderCache
-    decoder: DecoderCache
+    decoder: DecoderCache | DecoderStepsCache   # one RNN call, or step by step
     loss: CrossEntropyCache | None  # None without targets
+    logits_shape: tuple             # (B, Tt, V_tgt)
+    dtype: np.dtype
 
 
 def seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
                     params: Mapping[str, np.ndarray], config: Seq2SeqConfig,
-                    targets: np.ndarray | None = None, ignore_index: int = PAD
+                    targets: np.ndarray | None = None, ignore_index: int = PAD,
+                    teacher_mask: np.ndarray | None = None
                     ) -> tuple[tuple[np.ndarray, np.ndarray | None], Seq2SeqCache]:
-    """The encoder-decoder (equations in the module docstring), fully teacher-forced.
+    """The encoder-decoder (equations in the module docstring).
 
     src int (B, Ts), src_lengths int (B,) in 1..Ts or None (all Ts), tgt_in int (B, Tt),
-    targets int (B, Tt) or None. Returns ((logits (B, Tt, V_tgt), loss 0-d or None), cache).
+    targets int (B, Tt) or None, teacher_mask bool (B, Tt) with column 0 True, or None (full
+    teacher forcing): where False, step t reads argmax(logits[b, t-1]) instead of tgt_in.
+    Returns ((logits (B, Tt, V_tgt), loss 0-d or None), cache).
     """
     config = _check_config(config)
-    _check_params(params, config)
+    dtype = _check_params(params, config)
     src_lengths = _check_src(src, src_lengths, config)
     B = src.shape[0]
     _check_ids("tgt_in", tgt_in, config.tgt_vocab, (B, "Tt"))
     if targets is not None:
         check_int_array("targets", targets, tgt_in.shape)
+    teacher_mask = _check_teacher_mask(teacher_mask, tgt_in)
+    stepwise = config.attention == "bahdanau" or (teacher_mask is not None
+                                                  and not teacher_mask.all())
+    return _seq2seq_forward(src, src_lengths, tgt_in, params, config, targets, ignore_index,
+                            teacher_mask, stepwise, dtype)
 
+
+def _seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray, tgt_in: np.ndarray,
+                     params: Mapping[str, np.ndarray], config: Seq2SeqConfig,
+                     targets: np.ndarray | None, ignore_index: int,
+                     teacher_mask: np.ndarray | None, stepwise: bool, dtype: np.dtype
+                     ) -> tuple[tuple[np.ndarray, np.ndarray | None], Seq2SeqCache]:
+    """seq2seq_forward on checked inputs; ``stepwise`` picks the step-by-step decoder, which
+    Luong and no attention take only for a teacher_mask with a False (tests force it)."""
     memory, key_padding_mask, state0, encoder = _encoder_forward(src, src_lengths, params,
                                                                  config)
-    logits, _, decoder = _decoder_forward(tgt_in, state0, memory, key_padding_mask, params,
-                                          config)
+    if stepwise:
+        logits, _, decoder = _decoder_steps_forward(tgt_in, teacher_mask, state0, memory,
+                                                    key_padding_mask, params, config)
+    else:
+        logits, _, decoder = _decoder_forward(tgt_in, state0, memory, key_padding_mask,
+                                              params, config)
     loss, loss_cache = None, None
     if targets is not None:
         loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
-    return (logits, loss), Seq2SeqCache(config, tuple(params), encoder, decoder, loss_cache)
+    return (logits, loss), Seq2SeqCache(config, tuple(params), encoder, decoder, loss_cache,
+                                        logits.shape, dtype)
 
 
 def seq2seq_backward(cache: Seq2SeqCache, dlogits: np.ndarray | None = None,
@@ -280,16 +423,18 @@ def seq2seq_backward(cache: Seq2SeqCache, dlogits: np.ndarray | None = None,
     if not isinstance(cache, Seq2SeqCache):
         raise TypeError(f"cache: expected the Seq2SeqCache of seq2seq_forward, "
                         f"got {type(cache).__name__}")
-    config, head = cache.config, cache.decoder.head
-    logits_shape = head.x.shape[:-1] + head.weight.shape[:1]
+    config = cache.config
     if dlogits is None:
-        dlogits = np.zeros(logits_shape, dtype=head.weight.dtype)
+        dlogits = np.zeros(cache.logits_shape, dtype=cache.dtype)
     else:
-        check_float_array("dlogits", dlogits, logits_shape, dtype=head.weight.dtype,
+        check_float_array("dlogits", dlogits, cache.logits_shape, dtype=cache.dtype,
                           finite=False)
     if cache.loss is not None:
         dlogits = dlogits + cross_entropy_backward(dloss, cache.loss)
-    dparams, dmemory, dstate0 = _decoder_backward(dlogits, cache.decoder, config)
+    if isinstance(cache.decoder, DecoderStepsCache):
+        dparams, dmemory, dstate0 = _decoder_steps_backward(dlogits, cache.decoder, config)
+    else:
+        dparams, dmemory, dstate0 = _decoder_backward(dlogits, cache.decoder, config)
     # s_0 = bridge(s_enc): the decoder's dstate0 is the encoder's dstate_n, reshaped back.
     dstate_n = tuple(_bridge_backward(d, config.num_directions) for d in dstate0)
     dx, drnn, _ = _recurrent_backward(config.cell, dmemory, cache.encoder.rnn, dstate_n)
@@ -330,14 +475,18 @@ class Seq2Seq(Module):
         cls = RNN_CLASSES[c.cell]
         encoder_rnn = cls(E, c.hidden_size, c.num_layers, bidirectional=c.bidirectional,
                           dtype=dtype, seed=seed_())
-        decoder_rnn = cls(E, Hd, c.num_layers, dtype=dtype, seed=seed_())
+        # Bahdanau's decoder RNN reads [E_tgt[y_t]; c_t].
+        decoder_input = E + Hd if c.attention == "bahdanau" else E
+        decoder_rnn = cls(decoder_input, Hd, c.num_layers, dtype=dtype, seed=seed_())
         self.dtype = encoder_rnn.dtype
         p = {"encoder.embedding.weight": rng.standard_normal((c.src_vocab, E))}
         p.update({"encoder.rnn." + k: v for k, v in encoder_rnn.params.items()})
         p["decoder.embedding.weight"] = rng.standard_normal((c.tgt_vocab, E))
         p.update({"decoder.rnn." + k: v for k, v in decoder_rnn.params.items()})
         if c.attention is not None:
-            attention = LuongAttention(Hd, Hd, c.attention, dtype=dtype, seed=seed_())
+            attention = (AdditiveAttention(Hd, Hd, Hd, dtype=dtype, seed=seed_())
+                         if c.attention == "bahdanau"
+                         else LuongAttention(Hd, Hd, c.attention, dtype=dtype, seed=seed_()))
             p.update({"decoder.attention." + k: v for k, v in attention.params.items()})
             bound = 1.0 / np.sqrt(2 * Hd)
             p["decoder.combine.weight"] = rng.uniform(-bound, bound, (Hd, 2 * Hd))
@@ -349,11 +498,23 @@ class Seq2Seq(Module):
         self._cache: Seq2SeqCache | None = None
 
     def forward(self, src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
-                targets: np.ndarray | None = None, ignore_index: int = PAD
+                targets: np.ndarray | None = None, ignore_index: int = PAD,
+                teacher_forcing_ratio: float = 1.0, teacher_mask: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (logits (B, Tt, V_tgt), loss or None); see ``seq2seq_forward``."""
+        """-> (logits (B, Tt, V_tgt), loss or None); see ``seq2seq_forward``.
+
+        teacher_mask, when given, wins; else with teacher_forcing_ratio < 1 each (b, t >= 1)
+        reads tgt_in with probability teacher_forcing_ratio, drawn from ``self.rng``.
+        """
+        ratio = check_probability("teacher_forcing_ratio", teacher_forcing_ratio,
+                                  allow_one=True)
+        if teacher_mask is None and ratio < 1:
+            _check_ids("tgt_in", tgt_in, self.config.tgt_vocab, ("B", "Tt"))
+            teacher_mask = self.rng.random(tgt_in.shape) < ratio
+            teacher_mask[:, 0] = True
         (logits, loss), self._cache = seq2seq_forward(src, src_lengths, tgt_in, self.params,
-                                                      self.config, targets, ignore_index)
+                                                      self.config, targets, ignore_index,
+                                                      teacher_mask)
         return logits, loss
 
     __call__ = forward
