@@ -163,6 +163,61 @@ def test_init_from_text_outside_the_vocabulary_exits_2(
     assert "--data" in err and "€" in err and len(err.splitlines()) == 1
 
 
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT2LMHeadModel saved by transformers, with a byte-level GPT-2 tokenizer of 256
+    byte tokens and no merges (so it is built offline)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    out = tmp_path_factory.mktemp("hf-gpt2")
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<|endoftext|>"] = 256
+    GPT2Tokenizer(vocab=vocab, merges=[]).save_pretrained(out)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=257, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                        bos_token_id=256, eos_token_id=256)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def test_init_from_a_transformers_gpt2_fine_tunes_on_its_tokens(
+        hf_gpt2: Path, text: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from seqtwin.data import char_batches
+    out = tmp_path / "tuned"
+    assert main(["train", "--data", str(text), "--out", str(out), "--steps", "3",
+                 "--init-from", str(hf_gpt2), "--freeze-embeddings", "--block", "16",
+                 "--batch", "4", "--lr", "1e-2", "--dropout", "0"]) == 0
+    # The first step's loss is transformers' loss on that batch: the weights were loaded.
+    hf = GPT2LMHeadModel.from_pretrained(hf_gpt2).eval()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    token_of_byte = {b: i for i, b in enumerate(bytes_to_unicode())}  # the fixture's vocab
+    ids = np.array([token_of_byte[b] for b in text.read_bytes()])  # no merges: a token a byte
+    x, y = char_batches(ids[:int(len(ids) * 0.9)], 4, 16, np.random.default_rng([0, 0]))
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(x)).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 torch.from_numpy(y).flatten()).item()
+    assert math.isclose(_metrics(out)[0]["train_loss"], expected, rel_tol=1e-5)
+    assert json.loads((out / "config.json").read_text())["model"]["dropout"] == 0.0
+    before = {k: v.numpy() for k, v in hf.state_dict().items()}
+    after = load_file(out / "checkpoint.safetensors")
+    np.testing.assert_array_equal(after["transformer.wte.weight"],
+                                  before["transformer.wte.weight"])
+    assert not np.array_equal(after["transformer.h.0.mlp.c_fc.weight"],
+                              before["transformer.h.0.mlp.c_fc.weight"])
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    argv = ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--greedy",
+            "--max-new-tokens", "24"]
+    torch_text = _run(capsys, *argv)
+    assert torch_text.startswith("ROMEO:")
+    assert _run(capsys, *argv, "--backend", "numpy") == torch_text
+
+
 # ----------------------------------------------------------------------------- translate
 
 def test_translation_training_reports_loss_and_bleu(mt_run: Path) -> None:

@@ -59,7 +59,6 @@ from .data import (
 TASKS = ("char-lm", "translate")
 CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA}
 DEFAULT_DATA = {"char-lm": "tinyshakespeare", "translate": "eng-fra"}
-UNITS = {"char-lm": "nats/char", "translate": "nats/word"}
 CLIP_NORM = 1.0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -136,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recurrent hidden size (translate: per encoder direction)")
     train.add_argument("--layers", type=_int_at_least(1), default=1)
     train.add_argument("--heads", type=_int_at_least(1), default=4, help="GPT attention heads")
-    train.add_argument("--dropout", type=_float_in(0.0, 0.99), default=0.0)
+    train.add_argument("--dropout", type=_float_in(0.0, 0.99), default=None,
+                       help="dropout rate (default 0; with --init-from: the checkpoint's)")
     train.add_argument("--block", type=_int_at_least(1), default=64,
                        help="char-lm: characters per training sequence (GPT: its context)")
     train.add_argument("--attention", choices=tk.ATTENTIONS, default="general",
@@ -311,12 +311,19 @@ def _resolve_data(data: str, argument: str = "--data") -> Path:
     return path.resolve()
 
 
-def _char_data(path: Path, vocab_chars: Sequence[str] | None
-               ) -> tuple[CharVocab, np.ndarray, np.ndarray]:
+def _char_data(path: Path, metadata: dict[str, Any] | None
+               ) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(vocabulary, train ids, validation ids): the text's own characters, or the
+    checkpoint's characters or tokenizer (``metadata``)."""
+    if metadata and "tokenizer" in metadata:
+        vocab = metadata["tokenizer"]
+        ids = vocab.encode(path.read_text(encoding="utf-8"))
+        n_train = int(len(ids) * 0.9)  # load_char_corpus's cut
+        return vocab, ids[:n_train], ids[n_train:]
     corpus = load_char_corpus(path)
-    if vocab_chars is None:
+    if metadata is None:
         return corpus.vocab, corpus.train, corpus.val
-    vocab = CharVocab("".join(vocab_chars))
+    vocab = CharVocab("".join(metadata["vocab"]))
     unknown = sorted(set(corpus.vocab.chars) - set(vocab.chars))
     if unknown:
         raise UsageError(f"--data: characters {''.join(unknown)!r} are not in the "
@@ -337,10 +344,10 @@ def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str
                                  f"got {args.heads}")
             return {"kind": "gpt", "vocab_size": vocab["vocab"], "block_size": args.block,
                     "n_layer": args.layers, "n_head": args.heads, "n_embd": args.embed,
-                    "dropout": args.dropout}
+                    "dropout": args.dropout or 0.0}
         return {"kind": "rnn", "vocab_size": vocab["vocab"], "embed_size": args.embed,
                 "hidden_size": args.hidden, "num_layers": args.layers, "cell": args.model,
-                "dropout": args.dropout}
+                "dropout": args.dropout or 0.0}
     if args.model not in tk.TRANSLATE_MODELS:
         raise UsageError(f"--model: the translate task takes one of "
                          f"{', '.join(tk.TRANSLATE_MODELS)}, got {args.model!r}")
@@ -358,7 +365,7 @@ def _make_task(name: str, data: str, settings: dict[str, Any],
     path = _resolve_data(data)
     try:
         if name == "char-lm":
-            vocab, train_ids, val_ids = _char_data(path, metadata and metadata["vocab"])
+            vocab, train_ids, val_ids = _char_data(path, metadata)
             if model_config is None:
                 model_config = _model_config_from_args(args, name, {"vocab": len(vocab)})
             return tk.CharLMTask(vocab, train_ids, val_ids, model_config, settings["batch"],
@@ -382,15 +389,51 @@ def _make_task(name: str, data: str, settings: dict[str, Any],
         raise UsageError(f"--data: {err}") from None
 
 
-def _load(directory: str, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
+def _is_hf_gpt2(directory: Path) -> bool:
+    """A Hugging Face GPT-2 directory (its config.json says model_type gpt2)?"""
     try:
-        return load_checkpoint(Path(directory).expanduser())
-    except CheckpointError as err:
+        return json.loads((directory / "config.json").read_text()).get("model_type") == "gpt2"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_hf_gpt2(directory: Path, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A Hugging Face GPT-2 checkpoint (config.json + model.safetensors, and its tokenizer)
+    as a seqtwin char-lm checkpoint whose vocabulary is the tokenizer."""
+    import dataclasses
+
+    import reference
+    try:
+        model = reference.load_gpt2(directory, dtype=np.float32)
+        tokenizer = tk.TokenizerVocab.load(directory)
+    except (ImportError, OSError, ValueError) as err:
         raise UsageError(f"{argument}: {err}") from None
+    if len(tokenizer) > model.config.vocab_size:
+        raise UsageError(f"{argument}: its tokenizer has {len(tokenizer)} tokens, more than "
+                         f"the model's vocab_size {model.config.vocab_size}")
+    config = {"task": "char-lm", "step": 0, "data": None, "tokenizer": tokenizer,
+              "model": {"kind": "gpt", **dataclasses.asdict(model.config)}}
+    return config, dict(model.params)
+
+
+def _load(directory: str, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, parameters) of a seqtwin checkpoint (or, for --init-from, a Hugging Face
+    GPT-2 directory); a tokenizer the checkpoint names is loaded into config["tokenizer"]."""
+    path = Path(directory).expanduser()
+    if argument == "--init-from" and _is_hf_gpt2(path):
+        return _load_hf_gpt2(path, argument)
+    try:
+        config, params = load_checkpoint(path)
+        if "tokenizer" in config:
+            config["tokenizer"] = tk.TokenizerVocab.load(path / config["tokenizer"])
+    except (CheckpointError, ImportError, ValueError) as err:
+        raise UsageError(f"{argument}: {err}") from None
+    return config, params
 
 
 def _metadata(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: config[k] for k in ("vocab", "src_vocab", "tgt_vocab") if k in config}
+    return {k: config[k] for k in ("vocab", "tokenizer", "src_vocab", "tgt_vocab")
+            if k in config}
 
 
 # ----------------------------------------------------------------------------- train
@@ -465,6 +508,8 @@ def _train(args: argparse.Namespace, dist: Distributed) -> int:
         settings, start, dtype = _settings(args), 0, args.dtype
         if args.init_from:
             base, saved = _load(args.init_from, "--init-from")
+            if args.dropout is not None and "dropout" in base["model"]:
+                base["model"]["dropout"] = args.dropout  # a rate, not a size: may change
     name = base["task"] if base else (args.task or "char-lm")
     if args.task and base and args.task != name:
         raise UsageError(f"--task: the checkpoint's task is {name!r}, got {args.task!r}")
@@ -506,6 +551,8 @@ def _train(args: argparse.Namespace, dist: Distributed) -> int:
               else args.init_from, "train": settings}
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        if isinstance(getattr(task, "vocab", None), tk.TokenizerVocab):
+            task.vocab.tokenizer.save_pretrained(str(out / tk.TOKENIZER_DIR))
 
     def checkpoint(step: int) -> None:
         config["step"] = step
@@ -593,8 +640,8 @@ def _loop(args: argparse.Namespace, dist: Distributed, task: Any, model: Any, ru
     if dist.main:
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics_now.items())
         print(f"done: step {steps_total} | train loss {loss:.4f} | {shown} "
-              f"({UNITS[task.name]}) | checkpoint {out}")
-        print(_plot_losses(out, UNITS[task.name]))
+              f"({task.unit}) | checkpoint {out}")
+        print(_plot_losses(out, task.unit))
     return 0
 
 
@@ -626,16 +673,18 @@ def generate(args: argparse.Namespace) -> int:
     A GPT slides its context window when the text outgrows it (``tasks.gpt_window_step``).
     """
     config, model = _inference_model(args, "char-lm")
-    vocab = CharVocab("".join(config["vocab"]))
+    vocab = config.get("tokenizer") or CharVocab("".join(config["vocab"]))
     if not args.prompt:
         raise UsageError("--prompt: expected at least one character")
-    unknown = sorted(set(args.prompt) - set(vocab.chars))
+    unknown = sorted(set(args.prompt) - set(getattr(vocab, "chars", args.prompt)))
     if unknown:
         raise UsageError(f"--prompt: characters {''.join(unknown)!r} are not in the "
                          f"checkpoint's vocabulary of {len(vocab)} characters")
     backend, device = args.backend, args.device
     sq = tk.backend_module(backend)
     prompt = vocab.encode(args.prompt)
+    if len(prompt) == 0:
+        raise UsageError(f"--prompt: {args.prompt!r} gives no tokens")
     context = tk.to_backend(backend, prompt[None, :-1], device)  # all but the fed last char
     with tk.no_grad(backend):
         if config["model"]["kind"] == "gpt":
@@ -693,14 +742,13 @@ def evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = task.evaluate(args.backend, model, args.device, seed=settings["seed"], full=True,
                            beams=args.beams)
-    result = {"task": config["task"], "step": config["step"], **result,
+    result = {"task": config["task"], "step": config["step"], "unit": task.unit, **result,
               "val_perplexity": tk.perplexity(result["val_loss"]),
               "seconds": round(time.perf_counter() - started, 2)}
     if args.json:
         print(json.dumps(result))
     else:
-        unit = UNITS[config["task"]]
-        print(f"step {result['step']}: val loss {result['val_loss']:.4f} {unit} "
+        print(f"step {result['step']}: val loss {result['val_loss']:.4f} {task.unit} "
               f"(perplexity {result['val_perplexity']:.2f})"
               + (f", BLEU {result['val_bleu']:.2f} ({args.beams} beams)"
                  if "val_bleu" in result else ""))

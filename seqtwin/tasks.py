@@ -29,6 +29,7 @@ TRANSLATE_MODELS = ("lstm", "gru")
 ATTENTIONS = ("none", "dot", "general", "concat", "bahdanau")
 EVAL_BATCHES = 8        # validation batches of a periodic char-lm evaluation during training
 DECODE_BATCH = 256      # sentences per decoding call
+TOKENIZER_DIR = "tokenizer"  # where a checkpoint keeps a Hugging Face tokenizer's files
 
 
 # ----------------------------------------------------------------------------- backends
@@ -174,12 +175,41 @@ def shard(batch: Batch, rank: int, world: int, count: Any) -> Batch:
 
 # ----------------------------------------------------------------------------- char-lm
 
+class TokenizerVocab:
+    """A Hugging Face tokenizer (GPT-2's byte-level BPE, say) used where a ``CharVocab`` is:
+    the char-lm task then models its tokens instead of characters (needs ``transformers``)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, directory: Any) -> "TokenizerVocab":
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError("a checkpoint with a tokenizer needs transformers: "
+                              "pip install transformers") from None
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(directory)))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{str(directory)!r} holds no loadable tokenizer ({err})") from None
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
 class CharLMTask:
     """Character-level language modelling: next-character cross-entropy, nats/char."""
 
     name = "char-lm"
 
-    def __init__(self, vocab: CharVocab, train: np.ndarray, val: np.ndarray,
+    def __init__(self, vocab: CharVocab | TokenizerVocab, train: np.ndarray, val: np.ndarray,
                  model_config: Mapping[str, Any], batch_size: int, block_size: int) -> None:
         self.vocab, self.train, self.val = vocab, train, val
         self.model_config = dict(model_config)
@@ -192,7 +222,13 @@ class CharLMTask:
                 raise ValueError(f"block_size: expected < {len(ids)} (the {split} split's "
                                  f"length), got {block_size}")
 
+    @property
+    def unit(self) -> str:
+        return "nats/token" if isinstance(self.vocab, TokenizerVocab) else "nats/char"
+
     def metadata(self) -> dict[str, Any]:
+        if isinstance(self.vocab, TokenizerVocab):  # the files sit in the checkpoint's
+            return {"tokenizer": TOKENIZER_DIR}     # tokenizer/ directory
         return {"vocab": self.vocab.chars}
 
     def train_batch(self, seed: int, step: int) -> Batch:
@@ -261,6 +297,8 @@ class TranslateTask:
         if not self.train_pairs or not self.val_pairs:
             raise ValueError(f"pairs: expected training and validation pairs, got "
                              f"{len(self.train_pairs)} and {len(self.val_pairs)}")
+
+    unit = "nats/word"
 
     def metadata(self) -> dict[str, Any]:
         return {"src_vocab": self.src_vocab.itos, "tgt_vocab": self.tgt_vocab.itos}
