@@ -1,0 +1,83 @@
+"""Fused kernels behind ``torch.library`` custom ops (namespace ``seqtwin::``), one op per file.
+
+Each op has two implementations of the same math: Triton kernels (forward and backward) and a
+plain-torch path. Which one runs is decided when the op runs (so also inside
+``torch.compile``d code), by one process-wide switch:
+
+- ``"auto"`` (default): Triton for CUDA tensors when triton is installed, the torch path
+  otherwise (CPU tensors always take the torch path).
+- ``"triton"``: always Triton. On CPU tensors this is only valid under ``TRITON_INTERPRET=1``
+  set before triton is first imported (triton's interpreter: slow, for tests at small
+  shapes); otherwise the op raises.
+- ``"torch"``: always the plain-torch path, on every device.
+
+    set_kernel_path("torch")            # or, scoped:
+    with kernel_path("triton"): ...
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+try:
+    import triton
+except ImportError:  # the torch path needs no triton; the Triton path says why it cannot run
+    triton = None
+
+__all__ = ["KERNEL_PATHS", "kernel_path", "get_kernel_path", "set_kernel_path", "HAS_TRITON"]
+
+KERNEL_PATHS = ("auto", "triton", "torch")
+HAS_TRITON = triton is not None
+# triton picks compiled or interpreted kernels (its own library's too) when it is imported
+_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+_path = "auto"
+
+
+def set_kernel_path(path: str) -> None:
+    """Choose the implementation every ``seqtwin::`` kernel op uses: "auto", "triton", "torch"."""
+    global _path
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"path: expected one of {', '.join(map(repr, KERNEL_PATHS))}, "
+                         f"got {path!r}")
+    _path = path
+
+
+def get_kernel_path() -> str:
+    return _path
+
+
+@contextmanager
+def kernel_path(path: str) -> Iterator[None]:
+    """``set_kernel_path(path)`` for the duration of a ``with`` block, then the previous path."""
+    previous = _path
+    set_kernel_path(path)
+    try:
+        yield
+    finally:
+        set_kernel_path(previous)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs its Triton kernels under the current path (raises if the
+    path is "triton" and they cannot run)."""
+    if _path == "torch":
+        return False
+    if _path == "auto":
+        return HAS_TRITON and x.is_cuda
+    if not HAS_TRITON:
+        raise RuntimeError("kernel path 'triton': triton is not installed "
+                           "(pip install triton, or set_kernel_path('torch'))")
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError(f"kernel path 'triton': tensors on {x.device} need triton's "
+                           "interpreter (TRITON_INTERPRET=1 set before triton is imported); "
+                           "use a CUDA device or the 'torch'/'auto' path")
+    return True
+
+
+def jit(fn):
+    """``triton.jit`` when triton is installed; otherwise the plain function (never launched)."""
+    return fn if triton is None else triton.jit(fn)

@@ -1,0 +1,225 @@
+"""Fused LayerNorm over the last axis: ``seqtwin::layer_norm`` and its backward op.
+
+For one row x (D,), with biased variance as in torch (same math as ``normalization.py``):
+
+    μ = (1/D) Σ_i x_i           σ² = (1/D) Σ_i (x_i - μ)²        r = 1 / √(σ² + ε)
+    x̂ = (x - μ) r               y = x̂ ⊙ w + b
+
+Backward, from dy (summing over every row n for the parameters):
+
+    dw = Σ_n dy_n ⊙ x̂_n         db = Σ_n dy_n
+    dx̂ = dy ⊙ w
+    dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the row)
+
+The forward saves μ and r per row (2 numbers, not the (N, D) x̂), and the backward
+recomputes x̂ = (x - μ) r from x. Rows are computed in float32 for bf16/fp16 inputs and in
+float64 for float64 inputs; μ and r are kept in that compute dtype.
+
+Triton layout: the forward runs one program per row (the whole row in one block); the
+backward runs one program per block of rows, writing dx row by row and one partial dw, db
+per program, summed afterwards (no atomics, so the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_float_tensor, shape_str
+from . import jit, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+@jit
+def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, eps_ptr, y_ptr, mean_ptr, rstd_ptr, D,
+                               ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=in_row, other=0.0).to(ACC)
+    mean = tl.sum(x, axis=0) / D
+    centered = tl.where(in_row, x - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / D
+    rstd = 1.0 / tl.sqrt(var + tl.load(eps_ptr))
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    b = tl.load(b_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    y = centered * rstd * w + b
+    tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=in_row)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@jit
+def _layer_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr,
+                                dw_part_ptr, db_part_ptr, n_rows, D,
+                                ROWS_PER_PROGRAM: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(ACC)
+    dw = tl.zeros((BLOCK_D,), dtype=ACC)
+    db = tl.zeros((BLOCK_D,), dtype=ACC)
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = program * ROWS_PER_PROGRAM + i
+        is_row = row < n_rows
+        offsets = row.to(tl.int64) * D + cols
+        x = tl.load(x_ptr + offsets, mask=in_row & is_row, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=in_row & is_row, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + row, mask=is_row, other=0.0)
+        x_hat = tl.where(in_row, (x - tl.load(mean_ptr + row, mask=is_row, other=0.0)) * rstd,
+                         0.0)
+        dx_hat = dy * w                                           # y = x̂ ⊙ w + b
+        dx = rstd * (dx_hat - tl.sum(dx_hat, axis=0) / D
+                     - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / D))
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=in_row & is_row)
+        dw += dy * x_hat
+        db += dy
+    tl.store(dw_part_ptr + program * D + cols, dw, mask=in_row)
+    tl.store(db_part_ptr + program * D + cols, db, mask=in_row)
+
+
+# --------------------------------------------------------------------------- launch wrappers
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _layer_norm_forward_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    rows, D = x.shape
+    acc = _compute_dtype(x.dtype)
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=acc, device=x.device)
+    rstd = torch.empty(rows, dtype=acc, device=x.device)
+    # ε travels as a tensor: a Python float argument would reach the kernel as float32
+    eps_t = torch.full((1,), eps, dtype=acc, device=x.device)
+    _layer_norm_forward_kernel[(rows,)](
+        x, weight, bias, eps_t, y, mean, rstd, D,
+        ACC=_triton_dtype(acc), BLOCK_D=triton.next_power_of_2(D))
+    return y, mean, rstd
+
+
+def _layer_norm_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                                rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rows, D = x.shape
+    # the rows per program are a compile-time constant (a power of two, so few variants): loop
+    # bounds read at run time break triton 3.6's interpreter under numpy >= 2.4
+    rows_per_program = triton.next_power_of_2(triton.cdiv(rows, 256))
+    programs = triton.cdiv(rows, rows_per_program)
+    dx = torch.empty_like(x)
+    dw_part = torch.empty(programs, D, dtype=mean.dtype, device=x.device)
+    db_part = torch.empty(programs, D, dtype=mean.dtype, device=x.device)
+    _layer_norm_backward_kernel[(programs,)](
+        dy, x, weight, mean, rstd, dx, dw_part, db_part, rows, D,
+        ROWS_PER_PROGRAM=rows_per_program, ACC=_triton_dtype(mean.dtype),
+        BLOCK_D=triton.next_power_of_2(D))
+    return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+def _layer_norm_forward_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    xc = x.to(_compute_dtype(x.dtype))
+    mean = xc.mean(dim=-1)
+    centered = xc - mean.unsqueeze(-1)
+    rstd = torch.rsqrt((centered * centered).mean(dim=-1) + eps)
+    y = centered * rstd.unsqueeze(-1) * weight + bias
+    return y.to(x.dtype), mean, rstd
+
+
+def _layer_norm_backward_torch(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rstd = rstd.unsqueeze(-1)
+    x_hat = (x.to(mean.dtype) - mean.unsqueeze(-1)) * rstd
+    dyc = dy.to(mean.dtype)
+    dx_hat = dyc * weight                                          # y = x̂ ⊙ w + b
+    dx = rstd * (dx_hat - dx_hat.mean(dim=-1, keepdim=True)
+                 - x_hat * (dx_hat * x_hat).mean(dim=-1, keepdim=True))
+    dweight = (dyc * x_hat).sum(dim=0).to(weight.dtype)
+    return dx.to(dy.dtype), dweight, dyc.sum(dim=0).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("seqtwin::layer_norm", mutates_args=())
+def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (N, D), μ (N,), r (N,)) for x (N, D); μ and r in the compute dtype."""
+    x = x.contiguous()
+    if use_triton(x):
+        return _layer_norm_forward_triton(x, weight.contiguous(), bias.contiguous(), eps)
+    return _layer_norm_forward_torch(x, weight, bias, eps)
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    acc = _compute_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=acc),
+            x.new_empty(x.shape[:-1], dtype=acc))
+
+
+@torch.library.custom_op("seqtwin::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx (N, D), dweight (D,), dbias (D,))."""
+    dy, x = dy.contiguous(), x.contiguous()
+    if use_triton(x):
+        return _layer_norm_backward_triton(dy, x, weight.contiguous(), mean, rstd)
+    return _layer_norm_backward_torch(dy, x, weight, mean, rstd)
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# --------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, dmean, drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.seqtwin.layer_norm_backward(dy, x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5) -> Tensor:
+    """y = (x - μ) / √(σ² + ε) ⊙ w + b over the last axis of x (..., D); y (..., D).
+
+    Differentiable in x, weight and bias through the fused backward op.
+    """
+    check_float_tensor("x", x, finite=False)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected shape (..., D) with D >= 1, "
+                         f"got {shape_str(tuple(x.shape))}")
+    features = x.shape[-1]
+    if weight is not None:
+        check_float_tensor("weight", weight, shape=(features,), dtype=x.dtype, finite=False)
+    if bias is not None:
+        check_float_tensor("bias", bias, shape=(features,), dtype=x.dtype, finite=False)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    # absent affine parameters become constants (their gradients are computed and dropped)
+    weight = x.new_ones(features) if weight is None else weight
+    bias = x.new_zeros(features) if bias is None else bias
+    y, _, _ = layer_norm_op(x.reshape(-1, features), weight, bias, float(eps))
+    return y.reshape(x.shape)
