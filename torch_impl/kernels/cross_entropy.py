@@ -1,0 +1,249 @@
+"""Fused softmax cross-entropy, chunked over the vocabulary: ``seqtwin::cross_entropy`` and
+its backward op. Semantics of ``loss.py`` (torch's ``F.cross_entropy``, classes last).
+
+For logits x (C,) of one row and its target t, with m = max_c x_c and z = Σ_c e^{x_c - m}:
+
+    log p_c  = (x_c - m) - log z
+    nll      = log z - (x_t - m)
+    smooth   = log z - (1/C) Σ_c (x_c - m)
+    loss     = (1 - ε) nll + ε smooth            (0 where t = ignore_index)
+
+    dloss/dx_c = p_c - (1 - ε) [c = t] - ε / C  (0 at ignored rows)
+
+One row is read in vocabulary chunks with an online max and sum: after each chunk
+m' = max(m, max_chunk x), z' = z e^{m - m'} + Σ_chunk e^{x - m'}; so no (N, C) intermediate
+exists in the forward, which writes three numbers per row: the loss, m and log z (kept apart:
+m + log z would lose the low bits of log z at large |m|).
+
+Recompute, not save: the gradient is recomputed in the backward from x, m and log z
+(one read of x, one write of dx) instead of being computed in the forward and saved
+(Liger-style). Saving it would hold a second (N, C) tensor from forward to backward, since a
+custom op may not overwrite its input logits in place the way Liger does; recomputing keeps
+the saved state at 2N numbers, and a forward without backward (evaluation) never pays for the
+gradient.
+
+The op returns per-row losses; the reduction ("mean" over non-ignored rows, 0 when every
+target is ignored, "sum", "none") is plain torch around it, so the op's backward receives the
+per-row upstream gradient for every reduction alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_float_tensor, check_probability, shape_str
+from ..loss import REDUCTIONS, CrossEntropyCache, _check_targets
+from ..loss import cross_entropy_backward as _cross_entropy_backward_torch
+from ..loss import cross_entropy_forward as _cross_entropy_forward_torch
+from . import jit, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+VOCAB_CHUNK = 4096  # classes one program holds at a time (a power of two)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+@jit
+def _cross_entropy_forward_kernel(logits_ptr, targets_ptr, smoothing_ptr, loss_ptr, m_ptr,
+                                  log_z_ptr, C, ignore_index, ACC: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, N_CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * C
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    # first chunk: start m, z and Σ x
+    cols = tl.arange(0, BLOCK_C)
+    x = tl.load(row_ptr + cols, mask=cols < C, other=float("-inf")).to(ACC)
+    m = tl.max(x, axis=0)
+    z = tl.sum(tl.exp(x - m), axis=0)
+    sum_x = tl.sum(tl.where(cols < C, x, 0.0), axis=0)
+    for k in range(1, N_CHUNKS):                 # online max and rescaled sum over the rest
+        cols = k * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = tl.load(row_ptr + cols, mask=cols < C, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        sum_x += tl.sum(tl.where(cols < C, x, 0.0), axis=0)
+        m = m_new
+    log_z = tl.log(z)
+    x_t = tl.load(row_ptr + tl.where(valid, target, 0)).to(ACC)
+    eps = tl.load(smoothing_ptr)
+    nll = log_z - (x_t - m)
+    smooth = log_z - (sum_x / C - m)
+    loss = tl.where(valid, (1.0 - eps) * nll + eps * smooth, 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(m_ptr + row, m)
+    tl.store(log_z_ptr + row, log_z)
+
+
+@jit
+def _cross_entropy_backward_kernel(dloss_ptr, logits_ptr, targets_ptr, m_ptr, log_z_ptr,
+                                   smoothing_ptr, dlogits_ptr, C, ignore_index,
+                                   ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                                   N_CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    scale = tl.where(target != ignore_index, tl.load(dloss_ptr + row).to(ACC), 0.0)
+    m = tl.load(m_ptr + row)
+    log_z = tl.load(log_z_ptr + row)
+    eps = tl.load(smoothing_ptr)
+    for k in range(0, N_CHUNKS):
+        cols = k * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = tl.load(logits_ptr + row * C + cols, mask=cols < C, other=0.0).to(ACC)
+        p = tl.exp(x - m - log_z)
+        onehot = tl.where(cols == target, 1.0, 0.0).to(ACC)
+        # p_c - (1 - ε)[c = t] - ε/C, grouped so that it is exactly 0 when C = 1
+        dx = scale * ((p - onehot) + eps * ((onehot * C - 1.0) / C))
+        tl.store(dlogits_ptr + row * C + cols, dx.to(dlogits_ptr.dtype.element_ty),
+                 mask=cols < C)
+
+
+# --------------------------------------------------------------------------- launch wrappers
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _chunking(C: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(C), VOCAB_CHUNK)
+    return block, triton.cdiv(C, block)
+
+
+def _cross_entropy_forward_triton(logits: Tensor, targets: Tensor, ignore_index: int,
+                                  label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    N, C = logits.shape
+    acc = _compute_dtype(logits.dtype)
+    loss, m, log_z = (torch.empty(N, dtype=acc, device=logits.device) for _ in range(3))
+    # ε travels as a tensor: a Python float argument would reach the kernel as float32
+    smoothing = torch.full((1,), label_smoothing, dtype=acc, device=logits.device)
+    block, chunks = _chunking(C)
+    _cross_entropy_forward_kernel[(N,)](
+        logits, targets, smoothing, loss, m, log_z, C, ignore_index,
+        ACC=_triton_dtype(acc), BLOCK_C=block, N_CHUNKS=chunks)
+    return loss, m, log_z
+
+
+def _cross_entropy_backward_triton(dloss: Tensor, logits: Tensor, targets: Tensor, m: Tensor,
+                                   log_z: Tensor, ignore_index: int, label_smoothing: float
+                                   ) -> Tensor:
+    N, C = logits.shape
+    dlogits = torch.empty_like(logits)
+    smoothing = torch.full((1,), label_smoothing, dtype=m.dtype, device=logits.device)
+    block, chunks = _chunking(C)
+    _cross_entropy_backward_kernel[(N,)](
+        dloss.contiguous(), logits, targets, m, log_z, smoothing, dlogits, C, ignore_index,
+        ACC=_triton_dtype(m.dtype), BLOCK_C=block, N_CHUNKS=chunks)
+    return dlogits
+
+
+# The torch path is loss.py's forward/backward pair at reduction "none" (the math written once
+# per backend); it materialises (N, C) temporaries, which eager torch cannot avoid anyway.
+
+def _cross_entropy_forward_torch_rows(logits: Tensor, targets: Tensor, ignore_index: int,
+                                      label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    loss, cache = _cross_entropy_forward_torch(logits, targets, "none", ignore_index,
+                                               label_smoothing)
+    return loss.to(cache.m.dtype), cache.m, cache.log_z
+
+
+def _cross_entropy_backward_torch_rows(dloss: Tensor, logits: Tensor, targets: Tensor,
+                                       m: Tensor, log_z: Tensor, ignore_index: int,
+                                       label_smoothing: float) -> Tensor:
+    valid = targets != ignore_index
+    cache = CrossEntropyCache(logits, torch.where(valid, targets, 0).long(), valid, m, log_z,
+                              valid.sum(), "none", label_smoothing)
+    return _cross_entropy_backward_torch(dloss.to(logits.dtype), cache)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("seqtwin::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss (N,), m (N,), log z (N,)) for logits (N, C) and targets (N,); loss 0 at ignored
+    rows; all three in the compute dtype."""
+    logits, targets = logits.contiguous(), targets.contiguous()
+    if use_triton(logits):
+        return _cross_entropy_forward_triton(logits, targets, ignore_index, label_smoothing)
+    return _cross_entropy_forward_torch_rows(logits, targets, ignore_index, label_smoothing)
+
+
+@cross_entropy_op.register_fake
+def _(logits, targets, ignore_index, label_smoothing):
+    acc = _compute_dtype(logits.dtype)
+    return tuple(logits.new_empty(logits.shape[:1], dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("seqtwin::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(dloss: Tensor, logits: Tensor, targets: Tensor, m: Tensor,
+                              log_z: Tensor, ignore_index: int, label_smoothing: float
+                              ) -> Tensor:
+    """dlogits (N, C) for the per-row upstream gradient dloss (N,)."""
+    logits, targets = logits.contiguous(), targets.contiguous()
+    if use_triton(logits):
+        return _cross_entropy_backward_triton(dloss, logits, targets, m, log_z, ignore_index,
+                                              label_smoothing)
+    return _cross_entropy_backward_torch_rows(dloss, logits, targets, m, log_z, ignore_index,
+                                              label_smoothing)
+
+
+@cross_entropy_backward_op.register_fake
+def _(dloss, logits, targets, m, log_z, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+# --------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, ignore_index, label_smoothing = inputs
+    _, m, log_z = output
+    ctx.save_for_backward(logits, targets, m, log_z)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _backward(ctx, dloss, dm, dlog_z):
+    logits, targets, m, log_z = ctx.saved_tensors
+    dlogits = torch.ops.seqtwin.cross_entropy_backward(dloss, logits, targets, m, log_z,
+                                                       ctx.ignore_index, ctx.label_smoothing)
+    return dlogits, None, None, None
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean",
+                  ignore_index: int = -100, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of logits (N, C) or (B, T, C) against int targets (N,) or (B, T).
+
+    Returns a 0-d tensor for "mean"/"sum", or per-target losses (shape of targets, 0 at
+    ignored positions) for "none"; differentiable in logits through the fused backward op.
+    """
+    check_float_tensor("logits", logits, finite=False)
+    if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape (N, C) or (B, T, C) with C >= 1, "
+                         f"got {shape_str(tuple(logits.shape))}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, "
+                         f"got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    eps = check_probability("label_smoothing", label_smoothing, allow_one=True)
+    num_classes = logits.shape[-1]
+    _check_targets(targets, tuple(logits.shape[:-1]), num_classes, ignore_index)
+    loss, _, _ = cross_entropy_op(logits.reshape(-1, num_classes), targets.reshape(-1),
+                                  ignore_index, eps)
+    if reduction == "none":
+        return loss.reshape(targets.shape).to(logits.dtype)
+    if reduction == "sum":
+        return loss.sum().to(logits.dtype)
+    count = (targets != ignore_index).sum()
+    return (loss.sum() / count.clamp_min(1).to(loss.dtype)).to(logits.dtype)
