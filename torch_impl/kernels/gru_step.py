@@ -1,0 +1,251 @@
+"""Fused GRU step (the pointwise part): ``seqtwin::gru_step`` and its backward op.
+
+Given the two projections of one step, xw = W_ih x_t + b_ih and hh = W_hh h_{t-1} + b_hh
+(both (B, 3H), gate order r, z, n as in ``gru.py`` / torch.nn.GRU):
+
+    r = σ(xw_r + hh_r)
+    z = σ(xw_z + hh_z)
+    n = tanh(xw_n + r ⊙ hh_n)          (r multiplies the recurrent part hh_n = W_hn h + b_hn)
+    h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+
+masked by length as in ``recurrent.py``: a row whose step is not active (t >= lengths[b])
+keeps its state, h_t = h_{t-1}.
+
+Backward, from dh_t, for an active row (an inactive one passes dh to h_{t-1} and has zero
+gate gradients):
+
+    dn = dh ⊙ (1 - z)   dz = dh ⊙ (h_{t-1} - n)        h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+    dn_pre = dn ⊙ (1 - n²)                             n = tanh(xw_n + r ⊙ hh_n)
+    dr_pre = dn_pre ⊙ hh_n ⊙ r(1 - r)   dz_pre = dz ⊙ z(1 - z)
+    dxw = [dr_pre, dz_pre, dn_pre]     dhh = [dr_pre, dz_pre, dn_pre ⊙ r]
+    dh_{t-1} = dh ⊙ z                  (plus dhh W_hh, the caller's matrix product)
+
+Because r multiplies hh_n, dxw and dhh differ in their n-part: the op takes xw and hh apart
+and its backward returns both.
+
+Saved for the backward: [r z n hh_n] (B, 4H), the op's only extra output (hh_n copied so that
+the (B, 3H) hh need not stay alive); h_{t-1} is the step's input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_float_tensor, shape_str
+from . import jit, tanh, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+@jit
+def _gru_step_forward_kernel(xw_ptr, hh_ptr, h_prev_ptr, active_ptr, h_ptr, saved_ptr, H,
+                             HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_h = cols < H
+    gate = row * 3 * H + cols                    # offsets of gate r; z, n follow by H
+    hh_n = tl.load(hh_ptr + gate + 2 * H, mask=in_h).to(ACC)
+    r = tl.sigmoid(tl.load(xw_ptr + gate, mask=in_h).to(ACC)
+                   + tl.load(hh_ptr + gate, mask=in_h).to(ACC))
+    z = tl.sigmoid(tl.load(xw_ptr + gate + H, mask=in_h).to(ACC)
+                   + tl.load(hh_ptr + gate + H, mask=in_h).to(ACC))
+    n = tanh(tl.load(xw_ptr + gate + 2 * H, mask=in_h).to(ACC) + r * hh_n)
+    state = row * H + cols
+    h_prev = tl.load(h_prev_ptr + state, mask=in_h).to(ACC)
+    h = (1.0 - z) * n + z * h_prev
+    if HAS_MASK:                                 # inactive rows carry their state
+        h = tl.where(tl.load(active_ptr + row) != 0, h, h_prev)
+    tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=in_h)
+    out = saved_ptr.dtype.element_ty
+    saved = row * 4 * H + cols
+    tl.store(saved_ptr + saved, r.to(out), mask=in_h)
+    tl.store(saved_ptr + saved + H, z.to(out), mask=in_h)
+    tl.store(saved_ptr + saved + 2 * H, n.to(out), mask=in_h)
+    tl.store(saved_ptr + saved + 3 * H, hh_n.to(out), mask=in_h)
+
+
+@jit
+def _gru_step_backward_kernel(dh_ptr, saved_ptr, h_prev_ptr, active_ptr, dxw_ptr, dhh_ptr,
+                              dh_prev_ptr, H, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    in_h = cols < H
+    saved = row * 4 * H + cols
+    r = tl.load(saved_ptr + saved, mask=in_h).to(ACC)
+    z = tl.load(saved_ptr + saved + H, mask=in_h).to(ACC)
+    n = tl.load(saved_ptr + saved + 2 * H, mask=in_h).to(ACC)
+    hh_n = tl.load(saved_ptr + saved + 3 * H, mask=in_h).to(ACC)
+    state = row * H + cols
+    dh = tl.load(dh_ptr + state, mask=in_h).to(ACC)
+    dn = dh * (1.0 - z)                          # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+    dz = dh * (tl.load(h_prev_ptr + state, mask=in_h).to(ACC) - n)
+    dn_pre = dn * (1.0 - n * n)                  # n = tanh(xw_n + r ⊙ hh_n)
+    dr_pre = dn_pre * hh_n * r * (1.0 - r)
+    dz_pre = dz * z * (1.0 - z)
+    dhh_n = dn_pre * r
+    dh_prev = dh * z
+    if HAS_MASK:                                 # inactive rows: no gate gradient, dh carried
+        active = tl.load(active_ptr + row) != 0
+        dr_pre = tl.where(active, dr_pre, 0.0)
+        dz_pre = tl.where(active, dz_pre, 0.0)
+        dn_pre = tl.where(active, dn_pre, 0.0)
+        dhh_n = tl.where(active, dhh_n, 0.0)
+        dh_prev = tl.where(active, dh_prev, dh)
+    out = dxw_ptr.dtype.element_ty
+    gate = row * 3 * H + cols
+    tl.store(dxw_ptr + gate, dr_pre.to(out), mask=in_h)
+    tl.store(dxw_ptr + gate + H, dz_pre.to(out), mask=in_h)
+    tl.store(dxw_ptr + gate + 2 * H, dn_pre.to(out), mask=in_h)
+    tl.store(dhh_ptr + gate, dr_pre.to(out), mask=in_h)
+    tl.store(dhh_ptr + gate + H, dz_pre.to(out), mask=in_h)
+    tl.store(dhh_ptr + gate + 2 * H, dhh_n.to(out), mask=in_h)
+    tl.store(dh_prev_ptr + state, dh_prev.to(dh_prev_ptr.dtype.element_ty), mask=in_h)
+
+
+# --------------------------------------------------------------------------- launch wrappers
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(B: int, H: int) -> tuple[tuple[int, int], int]:
+    block = min(triton.next_power_of_2(H), 1024)
+    return (B, triton.cdiv(H, block)), block
+
+
+def _gru_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
+                             ) -> tuple[Tensor, Tensor]:
+    B, H = h_prev.shape
+    h, saved = torch.empty_like(h_prev), xw.new_empty(B, 4 * H)
+    grid, block = _grid(B, H)
+    _gru_step_forward_kernel[grid](
+        xw, hh, h_prev, active, h, saved, H, HAS_MASK=active is not None,
+        ACC=_triton_dtype(_compute_dtype(xw.dtype)), BLOCK_H=block)
+    return h, saved
+
+
+def _gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    B, H = h_prev.shape
+    dxw, dhh, dh_prev = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H), torch.empty_like(dh)
+    grid, block = _grid(B, H)
+    _gru_step_backward_kernel[grid](
+        dh, saved, h_prev, active, dxw, dhh, dh_prev, H, HAS_MASK=active is not None,
+        ACC=_triton_dtype(_compute_dtype(saved.dtype)), BLOCK_H=block)
+    return dxw, dhh, dh_prev
+
+
+def _gru_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
+                            ) -> tuple[Tensor, Tensor]:
+    acc = _compute_dtype(xw.dtype)
+    xw_r, xw_z, xw_n = xw.to(acc).chunk(3, dim=1)
+    hh_r, hh_z, hh_n = hh.to(acc).chunk(3, dim=1)
+    r = torch.sigmoid(xw_r + hh_r)
+    z = torch.sigmoid(xw_z + hh_z)
+    n = torch.tanh(xw_n + r * hh_n)
+    h = (1.0 - z) * n + z * h_prev
+    if active is not None:
+        h = torch.where(active.unsqueeze(1), h, h_prev)
+    return h.to(h_prev.dtype), torch.cat([r, z, n, hh_n], dim=1).to(xw.dtype)
+
+
+def _gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _compute_dtype(saved.dtype)
+    r, z, n, hh_n = saved.to(acc).chunk(4, dim=1)
+    dh_next = dh.to(acc)
+    dn = dh_next * (1.0 - z)                     # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+    dz = dh_next * (h_prev - n)
+    dn_pre = dn * (1.0 - n * n)                  # n = tanh(xw_n + r ⊙ hh_n)
+    dr_pre = dn_pre * hh_n * r * (1.0 - r)
+    dz_pre = dz * z * (1.0 - z)
+    dxw = torch.cat([dr_pre, dz_pre, dn_pre], dim=1)
+    dhh = torch.cat([dr_pre, dz_pre, dn_pre * r], dim=1)
+    dh_prev = dh_next * z
+    if active is not None:
+        m = active.unsqueeze(1)
+        dxw, dhh = torch.where(m, dxw, 0.0), torch.where(m, dhh, 0.0)
+        dh_prev = torch.where(m, dh_prev, dh_next)
+    return dxw.to(saved.dtype), dhh.to(saved.dtype), dh_prev.to(dh.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("seqtwin::gru_step", mutates_args=())
+def gru_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
+                ) -> tuple[Tensor, Tensor]:
+    """(h_t (B, H), saved [r z n hh_n] (B, 4H)) from xw, hh (B, 3H), h_{t-1} (B, H) and
+    active (B,) bool or None (every row active)."""
+    xw, hh, h_prev = xw.contiguous(), hh.contiguous(), h_prev.contiguous()
+    if use_triton(xw):
+        return _gru_step_forward_triton(xw, hh, h_prev, active)
+    return _gru_step_forward_torch(xw, hh, h_prev, active)
+
+
+@gru_step_op.register_fake
+def _(xw, hh, h_prev, active):
+    return torch.empty_like(h_prev), xw.new_empty(h_prev.shape[0], 4 * h_prev.shape[1])
+
+
+@torch.library.custom_op("seqtwin::gru_step_backward", mutates_args=())
+def gru_step_backward_op(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dxw (B, 3H), dhh (B, 3H), dh_{t-1} (B, H) not counting the path through hh)."""
+    dh, saved, h_prev = dh.contiguous(), saved.contiguous(), h_prev.contiguous()
+    if use_triton(saved):
+        return _gru_step_backward_triton(dh, saved, h_prev, active)
+    return _gru_step_backward_torch(dh, saved, h_prev, active)
+
+
+@gru_step_backward_op.register_fake
+def _(dh, saved, h_prev, active):
+    B, H = h_prev.shape
+    return saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H), torch.empty_like(dh)
+
+
+# --------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    _, _, h_prev, active = inputs
+    _, saved = output
+    ctx.save_for_backward(saved, h_prev, active)
+
+
+def _backward(ctx, dh, dsaved):
+    saved, h_prev, active = ctx.saved_tensors
+    dxw, dhh, dh_prev = torch.ops.seqtwin.gru_step_backward(dh, saved, h_prev, active)
+    return dxw, dhh, dh_prev, None
+
+
+gru_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gru_step(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None = None) -> Tensor:
+    """h_t (B, H) of one GRU step from xw = W_ih x_t + b_ih and hh = W_hh h_{t-1} + b_hh
+    (B, 3H), h_{t-1} (B, H) and active (B,) bool (t < lengths; None: every row).
+
+    Differentiable in xw, hh and h_prev through the fused backward op.
+    """
+    check_float_tensor("h_prev", h_prev, finite=False)
+    if h_prev.dim() != 2:
+        raise ValueError(f"h_prev: expected shape (B, H), got {shape_str(tuple(h_prev.shape))}")
+    B, H = h_prev.shape
+    check_float_tensor("xw", xw, shape=(B, 3 * H), dtype=h_prev.dtype, finite=False)
+    check_float_tensor("hh", hh, shape=(B, 3 * H), dtype=h_prev.dtype, finite=False)
+    if active is not None and (active.dtype != torch.bool or tuple(active.shape) != (B,)):
+        raise ValueError(f"active: expected a bool tensor of shape ({B},), got "
+                         f"{active.dtype} {shape_str(tuple(active.shape))}")
+    h, _ = gru_step_op(xw, hh, h_prev, active)
+    return h
