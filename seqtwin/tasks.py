@@ -386,7 +386,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     # The sentences are already split into words and punctuation (normalize_sentence), so
     # sacrebleu scores them as they are: tokenize="none".
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
-                                       tokenize="none").score)
+                                       tokenize="none", force=True).score)
 
 
 def perplexity(nats: float) -> float:
