@@ -36,7 +36,7 @@ from .gru import GRU, gru_backward, gru_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import (
     CrossEntropyCache,
-    CrossEntropyFunction,
+    cross_entropy,
     cross_entropy_backward,
     cross_entropy_forward,
 )
@@ -332,7 +332,7 @@ class RNNLM(nn.Module):
         if targets is not None:
             if valid is not None:
                 targets = torch.where(valid, targets, ignore_index)
-            loss = CrossEntropyFunction.apply(logits, targets, ignore_index)
+            loss = cross_entropy(logits, targets, "mean", ignore_index)
         return logits, loss, tuple(state_n)
 
     # ------------------------------------------------------------------------- generation

@@ -1,7 +1,9 @@
 """Layer normalization over the last axis (torch.nn.LayerNorm with normalized_shape = (D,)).
 
-Twin of ``reference/normalization.py`` on torch tensors; forward and backward by hand.
-For one row x (D,), with biased variance as in torch:
+Twin of ``reference/normalization.py`` on torch tensors. The math below, forward and backward
+by hand, is the fused op ``seqtwin::layer_norm`` (``kernels/layer_norm.py``: Triton on CUDA,
+torch elsewhere); this file validates and keeps the explicit cache. For one row x (D,), with
+biased variance as in torch:
 
     μ = (1/D) Σ_i x_i           σ² = (1/D) Σ_i (x_i - μ)²        r = 1 / √(σ² + ε)
     x̂ = (x - μ) r               y = x̂ ⊙ w + b                  (w, b (D,) or None)
@@ -13,7 +15,11 @@ Backward, from dy (summing over every leading index n for the parameters):
     dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the last axis)
 
 bf16/fp16 inputs are normalized in float32 (the statistics of a row need it) and the
-results cast back, as torch does.
+results cast back, as torch does. The cache holds μ and r per row, not x̂: the backward
+recomputes x̂ = (x - μ) r from x.
+
+``layer_norm`` (the same function under autograd, through the op's registered backward) is
+what the models call; it compiles with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -26,13 +32,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .checks import check_float_tensor, shape_str
+from .kernels.layer_norm import layer_norm, layer_norm_backward_op, layer_norm_op
 
-
-class LayerNormCache(NamedTuple):
-    x_hat: Tensor            # x̂ (..., D), in the compute dtype (float32 for bf16/fp16)
-    rstd: Tensor             # r (..., 1), compute dtype
-    weight: Tensor | None    # w (D,)
-    has_bias: bool
+__all__ = ["LayerNormCache", "LayerNormFunction", "layer_norm", "layer_norm_backward",
+           "layer_norm_forward"]
 
 
 def _check_eps(eps: object) -> float:
@@ -43,8 +46,12 @@ def _check_eps(eps: object) -> float:
     return float(eps)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+class LayerNormCache(NamedTuple):
+    x: Tensor                # x (..., D)
+    weight: Tensor | None    # w (D,)
+    has_bias: bool
+    mean: Tensor             # μ (N,) per row of x (N = x.numel() / D), compute dtype
+    rstd: Tensor             # r (N,), compute dtype (float32 for bf16/fp16)
 
 
 @torch.no_grad()
@@ -61,58 +68,48 @@ def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     if bias is not None:
         check_float_tensor("bias", bias, shape=(features,), dtype=x.dtype)
     eps = _check_eps(eps)
-    xc = x.to(_compute_dtype(x.dtype))
-    mu = xc.mean(dim=-1, keepdim=True)
-    centered = xc - mu
-    var = (centered * centered).mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    x_hat = centered * rstd
-    y = x_hat
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype), LayerNormCache(x_hat, rstd, weight, bias is not None)
+    # absent affine parameters are the identity (w = 1, b = 0): exact, and one op for all cases
+    y, mean, rstd = layer_norm_op(x.reshape(-1, features),
+                                  x.new_ones(features) if weight is None else weight,
+                                  x.new_zeros(features) if bias is None else bias, eps)
+    return y.reshape(x.shape), LayerNormCache(x, weight, bias is not None, mean, rstd)
 
 
 @torch.no_grad()
 def layer_norm_backward(dy: Tensor, cache: LayerNormCache
                         ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(dx (..., D), dweight (D,), dbias (D,)); dweight/dbias None where the forward had none."""
-    x_hat, rstd, weight = cache.x_hat, cache.rstd, cache.weight
-    check_float_tensor("dy", dy, shape=tuple(x_hat.shape), finite=False,
+    x, weight = cache.x, cache.weight
+    check_float_tensor("dy", dy, shape=tuple(x.shape), finite=False,
                        dtype=None if weight is None else weight.dtype)
-    features = x_hat.shape[-1]
-    dyc = dy.to(x_hat.dtype)
-    dweight = None if weight is None else \
-        (dyc * x_hat).reshape(-1, features).sum(dim=0).to(dy.dtype)
-    dbias = dyc.reshape(-1, features).sum(dim=0).to(dy.dtype) if cache.has_bias else None
-    dx_hat = dyc if weight is None else dyc * weight
-    dx = rstd * (dx_hat - dx_hat.mean(dim=-1, keepdim=True)
-                 - x_hat * (dx_hat * x_hat).mean(dim=-1, keepdim=True))
-    return dx.to(dy.dtype), dweight, dbias
+    features = x.shape[-1]
+    dx, dweight, dbias = layer_norm_backward_op(
+        dy.reshape(-1, features), x.reshape(-1, features),
+        x.new_ones(features) if weight is None else weight, cache.mean, cache.rstd)
+    return (dx.reshape(x.shape), None if weight is None else dweight,
+            dbias if cache.has_bias else None)
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """y = layer_norm(x; w, b, ε) with the hand-written backward above.
+    """y = layer_norm(x; w, b, ε) through the explicit-cache pair above, under autograd.
 
-    apply(x, weight, bias, eps); weight and bias may be None.
+    apply(x, weight, bias, eps); weight and bias may be None. (The models call ``layer_norm``,
+    the op's own autograd; this Function is the pair's autograd twin.)
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         y, cache = layer_norm_forward(x, weight, bias, eps)
-        ctx.save_for_backward(cache.x_hat, cache.rstd, weight)
+        ctx.save_for_backward(x, weight, cache.mean, cache.rstd)
         ctx.has_bias = cache.has_bias
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x_hat, rstd, weight = ctx.saved_tensors
-        dx, dweight, dbias = layer_norm_backward(dy, LayerNormCache(x_hat, rstd, weight,
-                                                                    ctx.has_bias))
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = layer_norm_backward(dy, LayerNormCache(x, weight, ctx.has_bias,
+                                                                    mean, rstd))
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dweight if need[1] else None,
                 dbias if need[2] else None, None)
-

@@ -18,8 +18,10 @@ names, so a ``GPT2LMHeadModel`` state dict loads with no renaming or transposing
 ``gpt_forward`` / ``gpt_backward`` chain the hand-written building blocks (no autograd); the
 backward runs the chain in reverse, the residual stream adding each branch's gradient to the one
 flowing past it, and wte's gradient summing its two uses. The ``GPT`` module computes the same
-function under autograd: attention, layer norm, gelu and the loss go through their autograd
-Functions (hand-written backwards), the Conv1D projections and lookups are plain torch ops.
+function under autograd: layer norm and the loss are the fused custom ops
+``seqtwin::layer_norm`` and ``seqtwin::cross_entropy`` (registered hand-written backwards; both
+paths share them), attention and gelu go through their autograd Functions, the Conv1D
+projections and lookups are plain torch ops.
 Generation (``GPT.init_state`` / ``prefill`` / ``step``, for the decoders): a step at position t
 feeds one token per row, x = wte[token] + wpe[t]; with the KV cache each block computes only the
 new q, k, v, appends k, v to the layer's cache (B, h, t + 1, d) and lets q attend over all of it
@@ -55,13 +57,13 @@ from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import (
     CrossEntropyCache,
-    CrossEntropyFunction,
+    cross_entropy,
     cross_entropy_backward,
     cross_entropy_forward,
 )
 from .normalization import (
     LayerNormCache,
-    LayerNormFunction,
+    layer_norm,
     layer_norm_backward,
     layer_norm_forward,
 )
@@ -458,7 +460,7 @@ class _LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(features, **factory)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def _drop(x: Tensor, p: float, masks: Mapping[str, Tensor] | None, name: str) -> Tensor:
@@ -562,7 +564,7 @@ class GPT(nn.Module):
         logits, _ = self._logits(ids, p, dropout_masks)
         loss = None
         if targets is not None:
-            loss = CrossEntropyFunction.apply(logits, targets, ignore_index)
+            loss = cross_entropy(logits, targets, "mean", ignore_index)
         return logits, loss
 
     def _logits(self, ids: Tensor, p: float = 0.0, masks: Mapping[str, Tensor] | None = None,

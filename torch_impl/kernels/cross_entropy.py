@@ -1,5 +1,5 @@
 """Fused softmax cross-entropy, chunked over the vocabulary: ``seqtwin::cross_entropy`` and
-its backward op. Semantics of ``loss.py`` (torch's ``F.cross_entropy``, classes last).
+its backward op, the math behind ``loss.py`` (torch's ``F.cross_entropy``, classes last).
 
 For logits x (C,) of one row and its target t, with m = max_c x_c and z = Σ_c e^{x_c - m}:
 
@@ -23,8 +23,11 @@ the saved state at 2N numbers, and a forward without backward (evaluation) never
 gradient.
 
 The op returns per-row losses; the reduction ("mean" over non-ignored rows, 0 when every
-target is ignored, "sum", "none") is plain torch around it, so the op's backward receives the
-per-row upstream gradient for every reduction alike.
+target is ignored, "sum", "none"; ``reduce_losses``) is plain torch around it, so the op's
+backward receives the per-row upstream gradient for every reduction alike.
+
+Also here: the validation of the public arguments (``check_cross_entropy_args``), shared by
+``cross_entropy`` below and ``loss.py``'s explicit-cache pair.
 """
 
 from __future__ import annotations
@@ -33,9 +36,6 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, check_probability, shape_str
-from ..loss import REDUCTIONS, CrossEntropyCache, _check_targets
-from ..loss import cross_entropy_backward as _cross_entropy_backward_torch
-from ..loss import cross_entropy_forward as _cross_entropy_forward_torch
 from . import jit, use_triton
 
 try:
@@ -45,6 +45,7 @@ except ImportError:
     triton = tl = None
 
 VOCAB_CHUNK = 4096  # classes one program holds at a time (a power of two)
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,23 +146,38 @@ def _cross_entropy_backward_triton(dloss: Tensor, logits: Tensor, targets: Tenso
     return dlogits
 
 
-# The torch path is loss.py's forward/backward pair at reduction "none" (the math written once
-# per backend); it materialises (N, C) temporaries, which eager torch cannot avoid anyway.
-
-def _cross_entropy_forward_torch_rows(logits: Tensor, targets: Tensor, ignore_index: int,
-                                      label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
-    loss, cache = _cross_entropy_forward_torch(logits, targets, "none", ignore_index,
-                                               label_smoothing)
-    return loss.to(cache.m.dtype), cache.m, cache.log_z
-
-
-def _cross_entropy_backward_torch_rows(dloss: Tensor, logits: Tensor, targets: Tensor,
-                                       m: Tensor, log_z: Tensor, ignore_index: int,
-                                       label_smoothing: float) -> Tensor:
+def _cross_entropy_forward_torch(logits: Tensor, targets: Tensor, ignore_index: int,
+                                 label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    # Eager torch materialises (N, C) temporaries here, which it cannot avoid anyway.
+    x = logits.to(_compute_dtype(logits.dtype))
     valid = targets != ignore_index
-    cache = CrossEntropyCache(logits, torch.where(valid, targets, 0).long(), valid, m, log_z,
-                              valid.sum(), "none", label_smoothing)
-    return _cross_entropy_backward_torch(dloss.to(logits.dtype), cache)
+    m = x.amax(dim=-1)
+    shifted = x - m.unsqueeze(-1)
+    log_z = torch.exp(shifted).sum(dim=-1).log()
+    # nll from the shifted logits: log z - (x_t - m) keeps full relative precision where the
+    # loss is tiny, which (log z + m) - x_t would round to the grid of m.
+    safe_targets = torch.where(valid, targets, 0).long()
+    loss = log_z - shifted.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing > 0:
+        smooth = log_z - shifted.mean(dim=-1)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    return torch.where(valid, loss, 0.0), m, log_z
+
+
+def _cross_entropy_backward_torch(dloss: Tensor, logits: Tensor, targets: Tensor, m: Tensor,
+                                  log_z: Tensor, ignore_index: int, label_smoothing: float
+                                  ) -> Tensor:
+    valid = targets != ignore_index
+    dlogits = torch.exp(logits.to(m.dtype) - m.unsqueeze(-1) - log_z.unsqueeze(-1))
+    # p_c - (1 - ε)[c = t] - ε/C, grouped as (p_c - [c = t]) + ε([c = t] - 1/C) so that it is
+    # exactly 0 when C = 1
+    index = torch.where(valid, targets, 0).long().unsqueeze(-1)
+    dlogits.scatter_add_(-1, index, dlogits.new_full(index.shape, -1.0))
+    if label_smoothing > 0:
+        dlogits -= label_smoothing / logits.shape[-1]
+        dlogits.scatter_add_(-1, index, dlogits.new_full(index.shape, label_smoothing))
+    dlogits *= torch.where(valid, dloss.to(m.dtype), 0.0).unsqueeze(-1)
+    return dlogits.to(logits.dtype)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -174,7 +190,7 @@ def cross_entropy_op(logits: Tensor, targets: Tensor, ignore_index: int, label_s
     logits, targets = logits.contiguous(), targets.contiguous()
     if use_triton(logits):
         return _cross_entropy_forward_triton(logits, targets, ignore_index, label_smoothing)
-    return _cross_entropy_forward_torch_rows(logits, targets, ignore_index, label_smoothing)
+    return _cross_entropy_forward_torch(logits, targets, ignore_index, label_smoothing)
 
 
 @cross_entropy_op.register_fake
@@ -192,8 +208,8 @@ def cross_entropy_backward_op(dloss: Tensor, logits: Tensor, targets: Tensor, m:
     if use_triton(logits):
         return _cross_entropy_backward_triton(dloss, logits, targets, m, log_z, ignore_index,
                                               label_smoothing)
-    return _cross_entropy_backward_torch_rows(dloss, logits, targets, m, log_z, ignore_index,
-                                              label_smoothing)
+    return _cross_entropy_backward_torch(dloss, logits, targets, m, log_z, ignore_index,
+                                         label_smoothing)
 
 
 @cross_entropy_backward_op.register_fake
@@ -220,14 +236,32 @@ def _backward(ctx, dloss, dm, dlog_z):
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean",
-                  ignore_index: int = -100, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy of logits (N, C) or (B, T, C) against int targets (N,) or (B, T).
+def check_targets(targets: object, expected_shape: tuple[int, ...], num_classes: int,
+                  ignore_index: int) -> Tensor:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor of integers, "
+                        f"got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets: expected an integer dtype, got {targets.dtype}")
+    if tuple(targets.shape) != expected_shape:
+        raise ValueError(f"targets: expected shape {shape_str(expected_shape)} "
+                         f"(logits.shape[:-1]), got {shape_str(tuple(targets.shape))}")
+    # compiled code cannot read values to raise on: out-of-range targets go unchecked there
+    if targets.numel() and not torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"targets: values must be in 0..{num_classes - 1} "
+                             f"(C = logits.shape[-1]) or equal ignore_index = {ignore_index}, "
+                             f"got {int(targets[idx])} at index {idx}")
+    return targets
 
-    Returns a 0-d tensor for "mean"/"sum", or per-target losses (shape of targets, 0 at
-    ignored positions) for "none"; differentiable in logits through the fused backward op.
-    """
-    check_float_tensor("logits", logits, finite=False)
+
+def check_cross_entropy_args(logits: object, targets: object, reduction: str,
+                             ignore_index: int, label_smoothing: float, finite: bool) -> float:
+    """Validate the public arguments of a cross-entropy; returns label_smoothing as a float.
+    ``finite`` also rejects NaN/inf logits (a read of the values, skipped when compiling)."""
+    check_float_tensor("logits", logits, finite=finite)
     if logits.dim() not in (2, 3) or logits.shape[-1] < 1:
         raise ValueError(f"logits: expected shape (N, C) or (B, T, C) with C >= 1, "
                          f"got {shape_str(tuple(logits.shape))}")
@@ -237,13 +271,30 @@ def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean",
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     eps = check_probability("label_smoothing", label_smoothing, allow_one=True)
+    check_targets(targets, tuple(logits.shape[:-1]), logits.shape[-1], ignore_index)
+    return eps
+
+
+def reduce_losses(loss: Tensor, count: Tensor, reduction: str) -> Tensor:
+    """The per-row losses reduced: "mean" (Σ / count, 0 when count = 0), "sum", "none"."""
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / count.clamp_min(1).to(loss.dtype)
+    return loss
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean",
+                  ignore_index: int = -100, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of logits (N, C) or (B, T, C) against int targets (N,) or (B, T).
+
+    Returns a 0-d tensor for "mean"/"sum", or per-target losses (shape of targets, 0 at
+    ignored positions) for "none"; differentiable in logits through the fused backward op.
+    """
+    eps = check_cross_entropy_args(logits, targets, reduction, ignore_index, label_smoothing,
+                                   finite=False)
     num_classes = logits.shape[-1]
-    _check_targets(targets, tuple(logits.shape[:-1]), num_classes, ignore_index)
     loss, _, _ = cross_entropy_op(logits.reshape(-1, num_classes), targets.reshape(-1),
                                   ignore_index, eps)
-    if reduction == "none":
-        return loss.reshape(targets.shape).to(logits.dtype)
-    if reduction == "sum":
-        return loss.sum().to(logits.dtype)
     count = (targets != ignore_index).sum()
-    return (loss.sum() / count.clamp_min(1).to(loss.dtype)).to(logits.dtype)
+    return reduce_losses(loss.reshape(targets.shape), count, reduction).to(logits.dtype)
