@@ -7,13 +7,15 @@ Gate order r, z, n (rows of W_ih, W_hh, b_ih, b_hh):
     n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t-1} + b_hn))
     h_t = (1 - z_t) ⊙ n_t + z_t ⊙ h_{t-1}
 
-Backward of one step, with hn = W_hn h_{t-1} + b_hn:
-    dn = dh_t ⊙ (1 - z_t),  dz = dh_t ⊙ (h_{t-1} - n_t)
-    da_n = dn ⊙ (1 - n_t²)                     (pre-activation of n)
-    dr = da_n ⊙ hn,  dhn = da_n ⊙ r_t
-    dgates_x = [dr ⊙ r(1-r), dz ⊙ z(1-z), da_n]   = ∂L/∂(W_ih x_t + b_ih)
-    dgates_h = [dr ⊙ r(1-r), dz ⊙ z(1-z), dhn]    = ∂L/∂(W_hh h_{t-1} + b_hh)
+Backward of one step, from dh_t: the gradients of the pre-activations, apart for the two
+projections because r_t multiplies W_hn h_{t-1} + b_hn,
+    dgates_x = ∂L/∂(W_ih x_t + b_ih),   dgates_h = ∂L/∂(W_hh h_{t-1} + b_hh)
     dh_{t-1} = dh_t ⊙ z_t + dgates_h W_hh
+
+The pointwise part of the step, forward and backward (the gates, the state update, masking
+by length, dgates_x, dgates_h and dh_t ⊙ z_t), is the fused op ``seqtwin::gru_step``
+(kernels/gru_step.py, where its backward equations are written); the W_hh matrix products
+stay here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .kernels.gru_step import gru_step_backward_op, gru_step_op
 from .recurrent import (
     Cell,
     CellCache,
@@ -42,39 +45,25 @@ from .recurrent import (
 
 
 class GRUStepCache(NamedTuple):
-    h_prev: Tensor  # (B, H) h_{t-1}
-    r: Tensor       # (B, H) σ
-    z: Tensor       # (B, H) σ
-    n: Tensor       # (B, H) tanh
-    hn: Tensor      # (B, H) W_hn h_{t-1} + b_hn
+    saved: Tensor            # (B, 4H) [r z n hn], hn = W_hn h_{t-1} + b_hn
+    h_prev: Tensor           # (B, H) h_{t-1}
+    active: Tensor | None    # (B,) bool, t < lengths[b]; None: every row
 
 
-def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None
-              ) -> tuple[tuple[Tensor], GRUStepCache]:
+def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None,
+              active: Tensor | None) -> tuple[tuple[Tensor], GRUStepCache]:
     """h_t from xw_t = W_ih x_t + b_ih (B, 3H) and h_{t-1}."""
     (h_prev,) = state
-    hw = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
-    xr, xz, xn = xw.chunk(3, dim=1)
-    hr, hz, hn = hw.chunk(3, dim=1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    h = n + z * (h_prev - n)  # = (1 - z) ⊙ n + z ⊙ h_{t-1}
-    return (h,), GRUStepCache(h_prev, r, z, n, hn)
+    hh = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
+    h, saved = gru_step_op(xw, hh, h_prev, active)
+    return (h,), GRUStepCache(saved, h_prev, active)
 
 
 def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh: Tensor
                        ) -> tuple[Tensor, Tensor, tuple[Tensor]]:
     (dh,) = dstate
-    h_prev, r, z, n, hn = cache
-    dn = dh * (1.0 - z)
-    dz = dh * (h_prev - n)
-    da_n = dn * (1.0 - n * n)
-    da_r = da_n * hn * r * (1.0 - r)
-    da_z = dz * z * (1.0 - z)
-    dgates_x = torch.cat([da_r, da_z, da_n], dim=1)
-    dgates_h = torch.cat([da_r, da_z, da_n * r], dim=1)
-    return dgates_x, dgates_h, (dh * z + dgates_h @ w_hh,)
+    dgates_x, dgates_h, dh_carried = gru_step_backward_op(dh, *cache)
+    return dgates_x, dgates_h, (torch.addmm(dh_carried, dgates_h, w_hh),)
 
 
 GRU_CELL = Cell(num_gates=3, num_states=1, step=_gru_step, step_backward=_gru_step_backward,

@@ -10,11 +10,12 @@ Gate order i, f, g, o (rows of W_ih, W_hh, b_ih, b_hh):
     h_t = o_t ⊙ tanh(c_t)
 
 Backward of one step, from dh_t and dc_t (the gradient reaching c_t from step t+1):
-    do = dh_t ⊙ tanh(c_t)
-    dc = dc_t + dh_t ⊙ o_t ⊙ (1 - tanh²(c_t))
-    di = dc ⊙ g_t,  df = dc ⊙ c_{t-1},  dg = dc ⊙ i_t,  dc_{t-1} = dc ⊙ f_t
-    dgates = [di ⊙ i(1-i), df ⊙ f(1-f), dg ⊙ (1-g²), do ⊙ o(1-o)]   (pre-activations)
-    dh_{t-1} = dgates W_hh;   dgates is both dgates_x and dgates_h.
+    dgates = ∂L/∂(pre-activations of i, f, g, o)   (both dgates_x and dgates_h)
+    dc_{t-1} = dc ⊙ f_t,   dh_{t-1} = dgates W_hh
+
+The pointwise part of the step, forward and backward (the gates, the state update, masking
+by length, and dgates), is the fused op ``seqtwin::lstm_step`` (kernels/lstm_step.py, where
+its backward equations are written); the W_hh matrix products stay here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .kernels.lstm_step import lstm_step_backward_op, lstm_step_op
 from .recurrent import (
     Cell,
     CellCache,
@@ -43,37 +45,27 @@ from .recurrent import (
 
 
 class LSTMStepCache(NamedTuple):
-    c_prev: Tensor  # (B, H) c_{t-1}
-    i: Tensor       # (B, H) σ
-    f: Tensor       # (B, H) σ
-    g: Tensor       # (B, H) tanh
-    o: Tensor       # (B, H) σ
-    tanh_c: Tensor  # (B, H) tanh(c_t)
+    gates: Tensor            # (B, 4H) the activated gates [i f g o]
+    c_prev: Tensor           # (B, H) c_{t-1}
+    c: Tensor                # (B, H) c_t
+    active: Tensor | None    # (B,) bool, t < lengths[b]; None: every row
 
 
-def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh: Tensor | None
-               ) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
+def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh: Tensor | None,
+               active: Tensor | None) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
     """(h_t, c_t) from xw_t = W_ih x_t + b_ih (B, 4H) and (h_{t-1}, c_{t-1})."""
     h_prev, c_prev = state
-    gates = xw + (h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t()))
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    c = f * c_prev + i * g
-    tanh_c = torch.tanh(c)
-    h = o * tanh_c
-    return (h, c), LSTMStepCache(c_prev, i, f, g, o, tanh_c)
+    hh = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
+    h, c, gates = lstm_step_op(xw, hh, h_prev, c_prev, active)
+    return (h, c), LSTMStepCache(gates, c_prev, c, active)
 
 
 def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh: Tensor
                         ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    dh, dc_next = dstate
-    c_prev, i, f, g, o, tanh_c = cache
-    do = dh * tanh_c                                  # h_t = o ⊙ tanh(c_t)
-    dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-    di, df, dg = dc * g, dc * c_prev, dc * i          # c_t = f ⊙ c_{t-1} + i ⊙ g
-    dgates = torch.cat([di * i * (1.0 - i), df * f * (1.0 - f), dg * (1.0 - g * g),
-                        do * o * (1.0 - o)], dim=1)
-    return dgates, dgates, (dgates @ w_hh, dc * f)
+    dh, dc = dstate
+    dgates, dh_carried, dc_prev = lstm_step_backward_op(dh, dc, *cache)
+    # h_{t-1} enters the gates through W_hh h_{t-1}; at inactive rows, through the carried state
+    return dgates, dgates, (torch.addmm(dh_carried, dgates, w_hh), dc_prev)
 
 
 LSTM_CELL = Cell(num_gates=4, num_states=2, step=_lstm_step, step_backward=_lstm_step_backward,

@@ -2,18 +2,20 @@
 
 A cell (RNN, LSTM or GRU; see rnn.py, lstm.py, gru.py) is a step that maps the
 input projection of one time step and the previous state s = (h,) or (h, c) to
-the next state. This file runs that step over time, directions and layers the
-way torch.nn does, and runs its backward:
+the next state (the LSTM and GRU steps' pointwise work is one fused op each,
+kernels/lstm_step.py and kernels/gru_step.py). This file runs that step over
+time, directions and layers the way torch.nn does, and runs its backward:
 
     xw_t  = W_ih x_t + b_ih                 for all t in one matmul, before the loop
-    s_t   = step(xw_t, s_{t-1}; W_hh, b_hh)
+    s_t   = step(xw_t, s_{t-1}; W_hh, b_hh, active_t)
     out_t = h_t                             forward direction: t = 0 .. T-1, out[..., :H]
                                             reverse direction: t = T-1 .. 0, out[..., H:]
     x^{k+1} = out^k ⊙ mask_k / (1 - p)      input of layer k+1 (inter-layer dropout)
 
-Padding (t >= lengths[b]): row b skips the step, s_t = s_{t-1} and out_t = 0, so
-h_n is the state at each sequence's own last step and the reverse direction
-starts at t = lengths[b] - 1 from h0.
+Padding (t >= lengths[b]): row b is not active at step t; it skips the step,
+s_t = s_{t-1} (the step itself carries it, fused with the step's pointwise work)
+and out_t = 0, so h_n is the state at each sequence's own last step and the
+reverse direction starts at t = lengths[b] - 1 from h0.
 
 The backward runs the loops in reverse. Per step the cell's backward gives
 dgates_x = ∂L/∂(W_ih x_t + b_ih) and dgates_h = ∂L/∂(W_hh h_{t-1} + b_hh); they
@@ -55,8 +57,12 @@ class Cell(NamedTuple):
     """One recurrent cell step, written once per cell type and driven by this file."""
     num_gates: int           # G: W_ih is (G*H, I)
     num_states: int          # 1 for (h,), 2 for (h, c)
-    step: Callable           # (xw, state, w_hh, b_hh) -> (state_new, step_cache)
-    step_backward: Callable  # (dstate_new, step_cache, w_hh) -> (dgates_x, dgates_h, dstate)
+    # (xw, state, w_hh, b_hh, active) -> (state_new, step_cache); active (B,) bool or None:
+    # inactive rows (padding) carry their state
+    step: Callable
+    # (dstate_new, step_cache, w_hh) -> (dgates_x, dgates_h, dstate); inactive rows get
+    # dgates 0 and pass dstate_new through
+    step_backward: Callable
     separate_dgates_h: bool  # GRU's r ⊙ (W_hn h + b_hn) makes dgates_h differ from dgates_x
 
 
@@ -130,7 +136,7 @@ class RecurrentArgs(NamedTuple):
     """Validated inputs of a sequence forward."""
     layout: Layout
     states0: tuple[Tensor, ...]        # h0 (, c0), each (L*D, B, H), zeros where None was given
-    valid: Tensor | None               # (T, B, 1) bool, t < lengths[b]; None: no padding
+    valid: Tensor | None               # (T, B) bool, t < lengths[b]; None: no lengths
     dropout: float
     dropout_masks: list[Tensor] | None  # L-1 bool keep-masks (B, T, D*H)
 
@@ -155,9 +161,10 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
             states.append(check_float_tensor(name, s0, (L * D, B, H), dtype=x.dtype))
     lengths = check_lengths(lengths, B, T)
     valid = None
-    if lengths is not None and int(lengths.min()) < T:  # all full length: nothing to mask
-        steps = torch.arange(T, device=x.device)
-        valid = (steps[:, None] < lengths.to(x.device)[None, :]).unsqueeze(-1)
+    # masked whenever lengths are given, even all T: deciding by their values would read them
+    # (a device sync, and a graph break under torch.compile)
+    if lengths is not None:
+        valid = torch.arange(T, device=x.device)[:, None] < lengths.to(x.device)[None, :]
     dropout = check_probability("dropout", dropout, allow_one=True)
     masks = _check_dropout_masks(dropout_masks, dropout, L, (B, T, D * H), x.device)
     return RecurrentArgs(layout, tuple(states), valid, dropout, masks)
@@ -220,7 +227,7 @@ class RecurrentCache(NamedTuple):
     layout: Layout
     inputs: list[Tensor]            # inputs[k]: x^k (B, T, I_k), layer k's input after dropout
     directions: list[DirectionCache]  # index k*D + d
-    valid: Tensor | None            # (T, B, 1) t < lengths[b]
+    valid: Tensor | None            # (T, B) t < lengths[b]
     dropout_masks: list[Tensor] | None
     dropout_scale: float            # 1 / (1 - p), 0 when p == 1
     out_dtype: torch.dtype          # the caller's dtype; the cache holds the compute dtype
@@ -262,7 +269,7 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
                 final.append(s_n)
         out = hs[0] if D == 1 else torch.cat(hs, dim=-1)
         if args.valid is not None:
-            out = out * args.valid.transpose(0, 1)  # out_t = 0 at padding, where h_t is carried
+            out = out * _out_mask(args.valid)  # out_t = 0 at padding, where h_t is carried
         inputs.append(layer_input)
         layer_input = out
         if k < L - 1 and args.dropout_masks is not None:
@@ -271,6 +278,11 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
     cache = RecurrentCache(cell, params, args.layout, inputs, directions, args.valid,
                            args.dropout_masks, scale, out_dtype)
     return (out.to(out_dtype), states_n), cache
+
+
+def _out_mask(valid: Tensor) -> Tensor:
+    """(B, T, 1) bool t < lengths[b] from valid (T, B)."""
+    return valid.t().unsqueeze(-1)
 
 
 def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Tensor,
@@ -285,11 +297,9 @@ def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: 
     hs, h_prevs, steps = [None] * T, [None] * T, [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_prevs[t] = state[0]
-        state_new, steps[t] = cell.step(xw[:, t], state, w_hh, b_hh)
-        if valid is not None:
-            state_new = tuple(torch.where(valid[t], new, old) for new, old in zip(state_new, state))
-        hs[t] = state_new[0]
-        state = state_new
+        state, steps[t] = cell.step(xw[:, t], state, w_hh, b_hh,
+                                    None if valid is None else valid[t])
+        hs[t] = state[0]
     return state, torch.stack(hs, dim=1), DirectionCache(steps, torch.stack(h_prevs, dim=1))
 
 
@@ -350,18 +360,12 @@ def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, .
                         ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(dgates_x, dgates_h) each (B, T, G*H), and the gradient of the initial state."""
     T = cache.h_prev.shape[1]
+    if dout is not None and valid is not None:
+        dout = torch.where(_out_mask(valid), dout, 0.0)  # out_t = h_t ⊙ [t < lengths[b]]
     dgates_x, dgates_h = [None] * T, [None] * T
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         dstate_new = dstate if dout is None else (dstate[0] + dout[:, t],) + dstate[1:]
-        if valid is not None:
-            # padded rows skipped the step: their gradient flows around it to s_{t-1}
-            dstate_new = tuple(torch.where(valid[t], ds, 0.0) for ds in dstate_new)
-        dgates_x[t], dgates_h[t], dstate_prev = cell.step_backward(dstate_new, cache.steps[t],
-                                                                    w_hh)
-        if valid is not None:
-            dstate_prev = tuple(torch.where(valid[t], dp, ds)
-                                for dp, ds in zip(dstate_prev, dstate))
-        dstate = dstate_prev
+        dgates_x[t], dgates_h[t], dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh)
     dgates_x_seq = torch.stack(dgates_x, dim=1)
     dgates_h_seq = torch.stack(dgates_h, dim=1) if cell.separate_dgates_h else dgates_x_seq
     return dgates_x_seq, dgates_h_seq, dstate
@@ -415,7 +419,7 @@ def cell_forward(cell: Cell, x: Tensor, state: tuple[Tensor, ...], params: Mappi
     """One step: xw = W_ih x + b_ih, then the cell's step from ``state``."""
     xw = F.linear(x, params["weight_ih"], params["bias_ih"] if bias else None)
     state_new, step = cell.step(xw, state, params["weight_hh"],
-                                params["bias_hh"] if bias else None)
+                                params["bias_hh"] if bias else None, None)
     return state_new, CellCache(cell, x, state[0], step, params["weight_ih"], params["weight_hh"],
                                 bias)
 
