@@ -29,7 +29,8 @@ try:
 except ImportError:  # the torch path needs no triton; the Triton path says why it cannot run
     triton = tl = None
 
-__all__ = ["KERNEL_PATHS", "kernel_path", "get_kernel_path", "set_kernel_path", "HAS_TRITON"]
+__all__ = ["KERNEL_PATHS", "kernel_path", "get_kernel_path", "set_kernel_path", "HAS_TRITON",
+           "flash_attention"]
 
 KERNEL_PATHS = ("auto", "triton", "torch")
 HAS_TRITON = triton is not None
@@ -89,3 +90,6 @@ def tanh(x):
     """tanh(x) = 2σ(2x) - 1 inside a Triton kernel (triton.language has no tanh, and libdevice's
     does not run in the interpreter); exact at ±∞, absolute error ~1 ulp of 1 near 0."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+from .attention import flash_attention  # noqa: E402  (seqtwin::flash_attention's wrapper)
