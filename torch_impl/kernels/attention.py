@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention import BLOCK_K, AttentionCache, AttentionMasks, _check_attention_args
+from ..attention import AttentionCache, AttentionMasks, _check_attention_args
 from ..attention import _attention_backward as _attention_backward_torch
 from ..attention import _attention_forward as _attention_forward_torch
 from . import _INTERPRETED, jit, use_triton
@@ -64,8 +64,8 @@ except ImportError:
     triton = tl = None
 
 BLOCK_Q = 64        # queries per program (Triton)
+BLOCK_K = 64        # keys per block (both paths; 64 x 64 score tiles, FlashAttention-2's size)
 MAX_HEAD_DIM = 128  # largest head dim the Triton kernels hold in registers (padded to 2^n)
-# BLOCK_K, keys per block, is attention.py's (both paths read it when they run)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
