@@ -46,6 +46,18 @@ and its backward runs the steps in reverse carrying dstate.
 Target padding is handled by the loss only (targets == ignore_index, PAD = 0 by default);
 the decoder is causal, so trailing padding never changes the logits of earlier positions.
 
+Dropout (rate p = config.dropout; inverted, with explicit bool keep-masks, see dropout.py):
+
+    x          = E_src[src]  ⊙ m["encoder.embedding"] / (1 - p)      (B, Ts, E)
+    y          = E_tgt[tgt_in] ⊙ m["decoder.embedding"] / (1 - p)    (B, Tt, E)
+    x^{k+1}    = out^k ⊙ m["encoder.rnn.l{k}"] / (1 - p)             between stacked layers,
+                 (and m["decoder.rnn.l{k}"] in the decoder RNN)       k < L - 1, (B, T, Hd)
+    logits     = (h̃ ⊙ m["decoder.output"] / (1 - p)) W_headᵀ + b_head  (B, Tt, Hd)
+
+``seq2seq_dropout_mask_shapes`` lists the sites and shapes. The step-by-step decoder reads
+column t of each decoder mask at step t. Attention reads the top layer's h undropped.
+``encode`` / ``step`` (decoding) never drop.
+
 ``seq2seq_forward`` / ``seq2seq_backward`` wire the existing hand-written pairs
 (embedding.py, lstm.py, gru.py, rnn_attention.py, linear.py, activations.py, loss.py); the
 ``Seq2Seq`` module holds torch.nn-named parameters and runs that pair through
@@ -66,6 +78,7 @@ axis 0 and the decoders can reorder it for beam search.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -81,7 +94,9 @@ from .checks import (
     check_positive_int,
     check_probability,
     check_shape,
+    shape_str,
 )
+from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .gru import GRU
 from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
@@ -119,6 +134,7 @@ class Seq2SeqConfig:
     cell: str = "lstm"
     bidirectional: bool = False
     attention: str | None = "general"
+    dropout: float = 0.0        # p of every dropout site (seq2seq_dropout_mask_shapes)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "embed_size", "hidden_size", "num_layers"):
@@ -132,6 +148,7 @@ class Seq2SeqConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of "
                              f"{', '.join(map(repr, ATTENTIONS))}, got {self.attention!r}")
+        check_probability("dropout", self.dropout)
 
     @property
     def num_directions(self) -> int:
@@ -204,7 +221,8 @@ def _check_teacher_mask(teacher_mask: object, tgt_in: Tensor) -> Tensor | None:
     if teacher_mask.device != tgt_in.device:
         raise ValueError(f"teacher_mask: expected the device of tgt_in ({tgt_in.device}), got "
                          f"{teacher_mask.device}")
-    if not bool(teacher_mask[:, 0].all()):
+    # compiled code cannot read the mask to raise on (column 0 is then not checked)
+    if not torch.compiler.is_compiling() and not bool(teacher_mask[:, 0].all()):
         rows = torch.nonzero(~teacher_mask[:, 0]).flatten().tolist()
         raise ValueError(f"teacher_mask: column 0 must be all True (step 0 has no previous "
                          f"prediction to read), got False in rows {rows}")
@@ -213,6 +231,71 @@ def _check_teacher_mask(teacher_mask: object, tgt_in: Tensor) -> Tensor | None:
 
 def _sub(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def seq2seq_dropout_mask_shapes(config: Seq2SeqConfig, batch: int, src_steps: int,
+                                tgt_steps: int) -> dict[str, tuple[int, ...]]:
+    """The dropout sites and their keep-mask shapes, for src (batch, src_steps) and tgt_in
+    (batch, tgt_steps); "{encoder,decoder}.rnn.l{k}" is on layer k's output (k < L - 1)."""
+    config = _check_config(config)
+    B, Ts, Tt = (check_positive_int(name, n) for name, n in
+                 (("batch", batch), ("src_steps", src_steps), ("tgt_steps", tgt_steps)))
+    E, Hd, L = config.embed_size, config.decoder_size, config.num_layers
+    shapes = {"encoder.embedding": (B, Ts, E)}
+    shapes.update({f"encoder.rnn.l{k}": (B, Ts, Hd) for k in range(L - 1)})   # D·H = Hd
+    shapes["decoder.embedding"] = (B, Tt, E)
+    shapes.update({f"decoder.rnn.l{k}": (B, Tt, Hd) for k in range(L - 1)})
+    shapes["decoder.output"] = (B, Tt, Hd)
+    return shapes
+
+
+def _check_dropout_masks(masks: object, config: Seq2SeqConfig, B: int, Ts: int, Tt: int,
+                         device: torch.device) -> Mapping[str, Tensor] | None:
+    if config.dropout == 0:
+        if masks is not None:
+            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
+        return None
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when config.dropout = {config.dropout} > 0 "
+                         f"(randomness is explicit: see seq2seq_dropout_mask_shapes)")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"dropout_masks: expected a dict of bool tensors, "
+                        f"got {type(masks).__name__}")
+    expected = seq2seq_dropout_mask_shapes(config, B, Ts, Tt)
+    if set(masks) != set(expected):
+        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
+                         f"{sorted(set(expected) - set(masks))}, unexpected "
+                         f"{sorted(set(masks) - set(expected))}")
+    for name, shape in expected.items():
+        mask = masks[name]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"dropout_masks[{name!r}]: expected a bool torch.Tensor "
+                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
+                             f"got {shape_str(tuple(mask.shape))}")
+        if mask.device != device:
+            raise ValueError(f"dropout_masks[{name!r}]: expected the device of src ({device}), "
+                             f"got {mask.device}")
+    return masks
+
+
+def _dropout(x: Tensor, p: float, masks: Mapping | None, site: str
+             ) -> tuple[Tensor, DropoutCache | None]:
+    """x ⊙ masks[site] / (1 - p), or x unchanged without masks."""
+    if masks is None:
+        return x, None
+    return dropout_forward(x, p, masks[site])
+
+
+def _rnn_dropout(config: Seq2SeqConfig, masks: Mapping | None, prefix: str
+                 ) -> tuple[float, list | None]:
+    """The (dropout, masks) arguments of the RNN: its inter-layer masks, in layer order."""
+    if masks is None or config.num_layers == 1:
+        return 0.0, None
+    return config.dropout, [masks[f"{prefix}.l{k}"] for k in range(config.num_layers - 1)]
 
 
 # ----------------------------------------------------------------------------- bridge
@@ -234,38 +317,47 @@ def _bridge_backward(dstate_part: Tensor, D: int) -> Tensor:
 
 class EncoderCache(NamedTuple):
     embedding: EmbeddingCache
+    embedding_dropout: DropoutCache | None  # None without dropout
     rnn: RecurrentCache
 
 
-def _encoder_forward(src: Tensor, src_lengths: Tensor, params: Mapping,
-                     config: Seq2SeqConfig) -> tuple[Tensor, Tensor, tuple, EncoderCache]:
-    """(memory m (B, Ts, Hd), key_padding_mask (B, Ts), decoder state s_0, cache)."""
+def _encoder_forward(src: Tensor, src_lengths: Tensor, params: Mapping, config: Seq2SeqConfig,
+                     masks: Mapping | None = None
+                     ) -> tuple[Tensor, Tensor, tuple, EncoderCache]:
+    """(memory m (B, Ts, Hd), key_padding_mask (B, Ts), decoder state s_0, cache); dropout
+    with the encoder's keep-masks when ``masks`` is given."""
     x, embedding = embedding_forward(src, params["encoder.embedding.weight"])
+    x, embedding_dropout = _dropout(x, config.dropout, masks, "encoder.embedding")
     memory, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "encoder.rnn."),
-                                              None, src_lengths, 0.0, None)
+                                              None, src_lengths,
+                                              *_rnn_dropout(config, masks, "encoder.rnn"))
     key_padding_mask = torch.arange(src.shape[1], device=src.device) >= src_lengths[:, None]
     state0 = tuple(_bridge(s, config.num_directions) for s in state_n)
-    return memory, key_padding_mask, state0, EncoderCache(embedding, rnn)
+    return memory, key_padding_mask, state0, EncoderCache(embedding, embedding_dropout, rnn)
 
 
 class DecoderCache(NamedTuple):
     embedding: EmbeddingCache
+    embedding_dropout: DropoutCache | None  # None without dropout
     attention: LuongAttentionCache | AdditiveAttentionCache | None   # None without attention
     rnn: RecurrentCache
     combine: LinearCache | None             # W_c [c; h]
     tanh: TanhCache | None                  # h̃ = tanh(W_c [c; h])
+    output_dropout: DropoutCache | None     # h̃ ⊙ m / (1 - p); None without dropout
     head: LinearCache
 
 
 def _decoder_forward(tokens: Tensor, state0: tuple, memory: Tensor, key_padding_mask: Tensor,
-                     params: Mapping, config: Seq2SeqConfig
+                     params: Mapping, config: Seq2SeqConfig, masks: Mapping | None = None
                      ) -> tuple[Tensor, tuple, DecoderCache]:
     """(logits (B, T, V_tgt), decoder state s_T, cache) for decoder inputs tokens (B, T).
 
     Luong or no attention runs all T steps in one RNN call; Bahdanau's query is s_{t-1}, so
     it takes one step (T = 1): this is then the per-step decoder of training and decoding.
+    ``masks``: the decoder's keep-masks for these T steps, or None (no dropout).
     """
     y, embedding = embedding_forward(tokens, params["decoder.embedding.weight"])
+    y, embedding_dropout = _dropout(y, config.dropout, masks, "decoder.embedding")
     x, context, attention = y, None, None
     if config.attention == "bahdanau":
         query = state0[0][-1].unsqueeze(1)        # q_t = top layer's h of s_{t-1}  (B, 1, Hd)
@@ -273,7 +365,7 @@ def _decoder_forward(tokens: Tensor, state0: tuple, memory: Tensor, key_padding_
             query, memory, _sub(params, "decoder.attention."), key_padding_mask)
         x = torch.cat([y, context], dim=-1)       # [E_tgt[y_t]; c_t]
     h, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "decoder.rnn."), state0,
-                                         None, 0.0, None)
+                                         None, *_rnn_dropout(config, masks, "decoder.rnn"))
     if config.attention in LUONG_SCORES:
         (context, _), attention = luong_attention_forward(
             h, memory, _sub(params, "decoder.attention."), config.attention, key_padding_mask)
@@ -283,9 +375,11 @@ def _decoder_forward(tokens: Tensor, state0: tuple, memory: Tensor, key_padding_
         pre, combine = linear_forward(torch.cat([context, h], dim=-1),
                                       params["decoder.combine.weight"])
         h_tilde, tanh = tanh_forward(pre)
+    h_tilde, output_dropout = _dropout(h_tilde, config.dropout, masks, "decoder.output")
     logits, head = linear_forward(h_tilde, params["decoder.head.weight"],
                                   params["decoder.head.bias"])
-    return logits, state_n, DecoderCache(embedding, attention, rnn, combine, tanh, head)
+    return logits, state_n, DecoderCache(embedding, embedding_dropout, attention, rnn, combine,
+                                         tanh, output_dropout, head)
 
 
 def _decoder_backward(dlogits: Tensor, cache: DecoderCache, config: Seq2SeqConfig,
@@ -295,6 +389,8 @@ def _decoder_backward(dlogits: Tensor, cache: DecoderCache, config: Seq2SeqConfi
     zeros), the gradient on the final decoder state."""
     dh_tilde, dhead_weight, dhead_bias = linear_backward(dlogits, cache.head)
     dparams = {"decoder.head.weight": dhead_weight, "decoder.head.bias": dhead_bias}
+    if cache.output_dropout is not None:
+        dh_tilde = dropout_backward(dh_tilde, cache.output_dropout)
     dcontext, dh, dmemory = None, dh_tilde, None
     if cache.combine is not None:
         dpre = tanh_backward(dh_tilde, cache.tanh)                       # h̃ = tanh(pre)
@@ -316,6 +412,8 @@ def _decoder_backward(dlogits: Tensor, cache: DecoderCache, config: Seq2SeqConfi
         dh0[-1] += dquery[:, 0]                   # q_t = top layer's h of s_{t-1}
         dstate0 = (dh0,) + tuple(dstate0[1:])
         dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
+    if cache.embedding_dropout is not None:
+        dy = dropout_backward(dy, cache.embedding_dropout)
     dparams["decoder.embedding.weight"] = embedding_backward(dy, cache.embedding)
     dparams.update({"decoder.rnn." + k: v for k, v in drnn.items()})
     return dparams, dmemory, dstate0
@@ -327,9 +425,11 @@ class DecoderStepsCache(NamedTuple):
 
 def _decoder_steps_forward(tgt_in: Tensor, teacher_mask: Tensor | None, state0: tuple,
                            memory: Tensor, key_padding_mask: Tensor, params: Mapping,
-                           config: Seq2SeqConfig) -> tuple[Tensor, tuple, DecoderStepsCache]:
+                           config: Seq2SeqConfig, masks: Mapping | None = None
+                           ) -> tuple[Tensor, tuple, DecoderStepsCache]:
     """(logits (B, Tt, V_tgt), decoder state s_n, cache), one step at a time; step t reads
-    tgt_in[:, t] where teacher_mask[:, t] (None: everywhere), else argmax(logits[:, t-1])."""
+    tgt_in[:, t] where teacher_mask[:, t] (None: everywhere), else argmax(logits[:, t-1]),
+    and column t of each decoder keep-mask (B, Tt, ...)."""
     state, logits, steps = state0, [], []
     for t in range(tgt_in.shape[1]):
         tokens = tgt_in[:, t]
@@ -337,8 +437,11 @@ def _decoder_steps_forward(tgt_in: Tensor, teacher_mask: Tensor | None, state0: 
             # The model's own choice: data, not a function of the parameters (no gradient).
             tokens = torch.where(teacher_mask[:, t], tokens.long(),
                                  logits[-1][:, 0].argmax(dim=-1))
+        masks_t = None if masks is None else {
+            site: m[:, t:t + 1].contiguous() for site, m in masks.items()
+            if site.startswith("decoder.")}
         logits_t, state, step = _decoder_forward(tokens.unsqueeze(1), state, memory,
-                                                 key_padding_mask, params, config)
+                                                 key_padding_mask, params, config, masks_t)
         logits.append(logits_t)
         steps.append(step)
     return torch.cat(logits, dim=1), state, DecoderStepsCache(steps)
@@ -376,13 +479,16 @@ class Seq2SeqCache(NamedTuple):
 def seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in: Tensor,
                     params: Mapping[str, Tensor], config: Seq2SeqConfig,
                     targets: Tensor | None = None, ignore_index: int = PAD,
-                    teacher_mask: Tensor | None = None
+                    teacher_mask: Tensor | None = None,
+                    dropout_masks: Mapping[str, Tensor] | None = None
                     ) -> tuple[tuple[Tensor, Tensor | None], Seq2SeqCache]:
     """The encoder-decoder (equations in the module docstring).
 
     src int (B, Ts), src_lengths int (B,) in 1..Ts or None (all Ts), tgt_in int (B, Tt),
     targets int (B, Tt) or None, teacher_mask bool (B, Tt) with column 0 True, or None (full
     teacher forcing): where False, step t reads argmax(logits[b, t-1]) instead of tgt_in.
+    dropout_masks: required iff config.dropout > 0, a dict of bool keep-masks on src's device
+    with the keys and shapes of ``seq2seq_dropout_mask_shapes(config, B, Ts, Tt)``.
     Returns ((logits (B, Tt, V_tgt), loss 0-d or None), cache).
     """
     config = _check_config(config)
@@ -393,28 +499,35 @@ def seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in: Tensor,
     if targets is not None:
         check_int_tensor("targets", targets, tuple(tgt_in.shape))
     teacher_mask = _check_teacher_mask(teacher_mask, tgt_in)
-    stepwise = config.attention == "bahdanau" or (teacher_mask is not None
-                                                  and not bool(teacher_mask.all()))
+    dropout_masks = _check_dropout_masks(dropout_masks, config, B, src.shape[1],
+                                         tgt_in.shape[1], src.device)
+    # a mask with no False computes what the one-call decoder does; compiled code cannot read
+    # the mask to find out, and takes the step-by-step decoder for any mask
+    stepwise = config.attention == "bahdanau" or (
+        teacher_mask is not None
+        and (torch.compiler.is_compiling() or not bool(teacher_mask.all())))
     return _seq2seq_forward(src, src_lengths, tgt_in, params, config, targets, ignore_index,
-                            teacher_mask, stepwise, dtype)
+                            teacher_mask, stepwise, dtype, dropout_masks)
 
 
 @torch.no_grad()
 def _seq2seq_forward(src: Tensor, src_lengths: Tensor, tgt_in: Tensor,
                      params: Mapping[str, Tensor], config: Seq2SeqConfig,
                      targets: Tensor | None, ignore_index: int, teacher_mask: Tensor | None,
-                     stepwise: bool, dtype: torch.dtype
+                     stepwise: bool, dtype: torch.dtype,
+                     dropout_masks: Mapping[str, Tensor] | None = None
                      ) -> tuple[tuple[Tensor, Tensor | None], Seq2SeqCache]:
     """seq2seq_forward on checked inputs; ``stepwise`` picks the step-by-step decoder, which
     Luong and no attention take only for a teacher_mask with a False (tests force it)."""
     memory, key_padding_mask, state0, encoder = _encoder_forward(src, src_lengths, params,
-                                                                 config)
+                                                                 config, dropout_masks)
     if stepwise:
         logits, _, decoder = _decoder_steps_forward(tgt_in, teacher_mask, state0, memory,
-                                                    key_padding_mask, params, config)
+                                                    key_padding_mask, params, config,
+                                                    dropout_masks)
     else:
         logits, _, decoder = _decoder_forward(tgt_in, state0, memory, key_padding_mask,
-                                              params, config)
+                                              params, config, dropout_masks)
     loss, loss_cache = None, None
     if targets is not None:
         loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
@@ -448,6 +561,8 @@ def seq2seq_backward(cache: Seq2SeqCache, dlogits: Tensor | None = None,
     # s_0 = bridge(s_enc): the decoder's dstate0 is the encoder's dstate_n, reshaped back.
     dstate_n = tuple(_bridge_backward(d, config.num_directions) for d in dstate0)
     dx, drnn, _ = _recurrent_backward(config.cell, dmemory, cache.encoder.rnn, dstate_n)
+    if cache.encoder.embedding_dropout is not None:
+        dx = dropout_backward(dx, cache.encoder.embedding_dropout)
     dparams["encoder.embedding.weight"] = embedding_backward(dx, cache.encoder.embedding)
     dparams.update({"encoder.rnn." + k: v for k, v in drnn.items()})
     return {name: dparams[name] for name in cache.names}
@@ -456,17 +571,17 @@ def seq2seq_backward(cache: Seq2SeqCache, dlogits: Tensor | None = None,
 class Seq2SeqFunction(torch.autograd.Function):
     """(logits, loss) of ``seq2seq_forward`` with ``seq2seq_backward`` as the backward.
 
-    apply(src, src_lengths, tgt_in, targets, config, ignore_index, teacher_mask, names,
-    *weights): the params as parallel ``names`` / ``weights``. Without targets, loss is a 0-d
-    zero.
+    apply(src, src_lengths, tgt_in, targets, config, ignore_index, teacher_mask, dropout_masks,
+    names, *weights): the params as parallel ``names`` / ``weights``. Without targets, loss is
+    a 0-d zero.
     """
 
     @staticmethod
     def forward(ctx, src, src_lengths, tgt_in, targets, config, ignore_index, teacher_mask,
-                names, *weights):
+                dropout_masks, names, *weights):
         (logits, loss), cache = seq2seq_forward(src, src_lengths, tgt_in,
                                                 dict(zip(names, weights)), config, targets,
-                                                ignore_index, teacher_mask)
+                                                ignore_index, teacher_mask, dropout_masks)
         ctx.save_for_backward(*weights)  # version-counter checks on the parameters
         ctx.cache = cache
         ctx.set_materialize_grads(False)
@@ -477,8 +592,8 @@ class Seq2SeqFunction(torch.autograd.Function):
     def backward(ctx, dlogits, dloss):
         _ = ctx.saved_tensors  # raises if a parameter was modified in place since forward
         dparams = seq2seq_backward(ctx.cache, dlogits, 0.0 if dloss is None else dloss)
-        need = ctx.needs_input_grad[8:]
-        return (None,) * 8 + tuple(d if n else None for d, n in zip(dparams.values(), need))
+        need = ctx.needs_input_grad[9:]
+        return (None,) * 9 + tuple(d if n else None for d, n in zip(dparams.values(), need))
 
 
 # ----------------------------------------------------------------------------- module
@@ -525,13 +640,16 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor | None, tgt_in: Tensor,
                 targets: Tensor | None = None, ignore_index: int = PAD,
-                teacher_forcing_ratio: float = 1.0, teacher_mask: Tensor | None = None
+                teacher_forcing_ratio: float = 1.0, teacher_mask: Tensor | None = None,
+                dropout_masks: Mapping[str, Tensor] | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         """-> (logits (B, Tt, V_tgt), loss or None); see ``seq2seq_forward``.
 
         teacher_mask, when given, wins; else with teacher_forcing_ratio < 1 each (b, t >= 1)
         reads tgt_in with probability teacher_forcing_ratio, drawn from torch's default
-        generator on tgt_in's device.
+        generator on tgt_in's device. Dropout only in training mode, with the given keep-masks
+        or Bernoulli(1 - p) keep-masks drawn on src's device (after the teacher_mask); in eval
+        mode dropout_masks are ignored.
         """
         ratio = check_probability("teacher_forcing_ratio", teacher_forcing_ratio,
                                   allow_one=True)
@@ -539,16 +657,27 @@ class Seq2Seq(nn.Module):
             _check_ids("tgt_in", tgt_in, self.config.tgt_vocab, ("B", "Tt"))
             teacher_mask = torch.rand(tgt_in.shape, device=tgt_in.device) < ratio
             teacher_mask[:, 0] = True
+        config = self.config
+        if not self.training or config.dropout == 0:
+            config, dropout_masks = dataclasses.replace(config, dropout=0.0), None
+        elif dropout_masks is None:
+            _check_ids("src", src, config.src_vocab, ("B", "Ts"))
+            _check_ids("tgt_in", tgt_in, config.tgt_vocab, (src.shape[0], "Tt"))
+            shapes = seq2seq_dropout_mask_shapes(config, *src.shape, tgt_in.shape[1])
+            dropout_masks = {site: torch.empty(shape, device=src.device)
+                             .bernoulli_(1.0 - config.dropout).bool()
+                             for site, shape in shapes.items()}
         names, weights = zip(*self.named_parameters())
-        logits, loss = Seq2SeqFunction.apply(src, src_lengths, tgt_in, targets, self.config,
-                                             ignore_index, teacher_mask, names, *weights)
+        logits, loss = Seq2SeqFunction.apply(src, src_lengths, tgt_in, targets, config,
+                                             ignore_index, teacher_mask, dropout_masks, names,
+                                             *weights)
         return logits, None if targets is None else loss
 
     # ------------------------------------------------------------------------- generation
 
     @torch.no_grad()
     def encode(self, src: Tensor, src_lengths: Tensor | None = None) -> Seq2SeqState:
-        """Run the encoder once: the initial decoding state for ``step``."""
+        """Run the encoder once, never with dropout: the initial decoding state for ``step``."""
         src_lengths = _check_src(src, src_lengths, self.config)
         memory, mask, state0, _ = _encoder_forward(src, src_lengths,
                                                    dict(self.named_parameters()), self.config)
@@ -556,7 +685,8 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: Seq2SeqState) -> tuple[Tensor, Seq2SeqState]:
-        """One decoder step: tokens int (B,) -> (logits (B, V_tgt), next state)."""
+        """One decoder step, never with dropout: tokens int (B,) -> (logits (B, V_tgt), next
+        state)."""
         _check_ids("tokens", tokens, self.config.tgt_vocab, ("B",))
         if not isinstance(state, Seq2SeqState):
             raise TypeError(f"state: expected the Seq2SeqState of encode, "
