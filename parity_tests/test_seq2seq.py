@@ -6,12 +6,14 @@ cell ("lstm", "gru") × attention (None, Luong "dot", "general", "concat", and "
 direction. Teacher forcing with a ratio < 1 is given as a teacher_mask (False: step t reads
 the model's own argmax at t - 1): its properties hold both backends to each other, the
 reference to finite differences, the step-by-step decoder to the one-RNN-call decoder, and
-the Bahdanau decoder to a plain torch.nn/autograd re-implementation.
+the Bahdanau decoder to a plain torch.nn/autograd re-implementation. Dropout is given as
+explicit keep-masks (one per site of seq2seq_dropout_mask_shapes), the same to both backends.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -72,10 +74,12 @@ class Seq2SeqCase(NamedTuple):
     src_steps: int
     tgt_steps: int
     seed: int
+    dropout: float = 0.0
 
     def config(self, backend) -> object:
         return backend.Seq2SeqConfig(self.src_vocab, self.tgt_vocab, self.embed, self.hidden,
-                                     self.layers, self.cell, self.bidirectional, self.attention)
+                                     self.layers, self.cell, self.bidirectional, self.attention,
+                                     self.dropout)
 
 
 def seq2seq_case(cell: str, attention: str | None, bidirectional: bool,
@@ -111,6 +115,7 @@ class Seq2SeqInputs(NamedTuple):
     dlogits: np.ndarray
     dloss: float
     teacher_mask: np.ndarray | None = None   # None: full teacher forcing
+    dropout_masks: dict | None = None        # None: no dropout
 
 
 def make_inputs(case: Seq2SeqCase) -> Seq2SeqInputs:
@@ -153,6 +158,16 @@ def argmax_gap(logits: np.ndarray, teacher_mask: np.ndarray | None) -> float:
     return float((top2[..., 1] - top2[..., 0])[~teacher_mask[:, 1:]].min())
 
 
+def with_dropout(inputs: Seq2SeqInputs, p: float = 0.4) -> Seq2SeqInputs:
+    """Dropout at rate p with random keep-masks for every site."""
+    case = inputs.case._replace(dropout=p)
+    rng = np.random.default_rng(case.seed + 2)
+    shapes = ref.seq2seq_dropout_mask_shapes(case.config(ref), case.batch, case.src_steps,
+                                             case.tgt_steps)
+    return inputs._replace(case=case, dropout_masks={site: rng.random(shape) >= p
+                                                     for site, shape in shapes.items()})
+
+
 class Seq2SeqRun(NamedTuple):
     logits: object
     loss: object
@@ -163,7 +178,8 @@ def run_reference(inputs: Seq2SeqInputs) -> Seq2SeqRun:
     (logits, loss), cache = ref.seq2seq_forward(inputs.src, inputs.src_lengths, inputs.tgt_in,
                                                 inputs.params, inputs.case.config(ref),
                                                 inputs.targets,
-                                                teacher_mask=inputs.teacher_mask)
+                                                teacher_mask=inputs.teacher_mask,
+                                                dropout_masks=inputs.dropout_masks)
     return Seq2SeqRun(logits, loss, ref.seq2seq_backward(cache, inputs.dlogits, inputs.dloss))
 
 
@@ -171,11 +187,17 @@ def _torch_mask(inputs: Seq2SeqInputs) -> torch.Tensor | None:
     return None if inputs.teacher_mask is None else to_torch(inputs.teacher_mask)
 
 
+def _torch_dropout_masks(inputs: Seq2SeqInputs) -> dict | None:
+    masks = inputs.dropout_masks
+    return None if masks is None else {site: to_torch(m) for site, m in masks.items()}
+
+
 def run_torch_functional(inputs: Seq2SeqInputs, dtype: torch.dtype) -> Seq2SeqRun:
     params = {k: to_torch(v, dtype) for k, v in inputs.params.items()}
     (logits, loss), cache = tim.seq2seq_forward(
         to_torch(inputs.src), to_torch(inputs.src_lengths), to_torch(inputs.tgt_in), params,
-        inputs.case.config(tim), to_torch(inputs.targets), teacher_mask=_torch_mask(inputs))
+        inputs.case.config(tim), to_torch(inputs.targets), teacher_mask=_torch_mask(inputs),
+        dropout_masks=_torch_dropout_masks(inputs))
     grads = tim.seq2seq_backward(cache, to_torch(inputs.dlogits, dtype), inputs.dloss)
     return Seq2SeqRun(logits, loss, grads)
 
@@ -185,7 +207,8 @@ def run_torch_module(inputs: Seq2SeqInputs, dtype: torch.dtype) -> Seq2SeqRun:
     model.load_state_dict({k: to_torch(v, dtype) for k, v in inputs.params.items()})
     logits, loss = model(to_torch(inputs.src), to_torch(inputs.src_lengths),
                          to_torch(inputs.tgt_in), to_torch(inputs.targets),
-                         teacher_mask=_torch_mask(inputs))
+                         teacher_mask=_torch_mask(inputs),
+                         dropout_masks=_torch_dropout_masks(inputs))
     torch.autograd.backward([loss, logits], [torch.tensor(inputs.dloss, dtype=dtype),
                                              to_torch(inputs.dlogits, dtype)])
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -198,7 +221,8 @@ def run_reference_steps(inputs: Seq2SeqInputs) -> Seq2SeqRun:
     lengths = inputs.src_lengths.astype(np.int64)
     (logits, loss), cache = ref._seq2seq_forward(
         inputs.src, lengths, inputs.tgt_in, inputs.params, inputs.case.config(ref),
-        inputs.targets, ref.PAD, inputs.teacher_mask, True, np.dtype(np.float64))
+        inputs.targets, ref.PAD, inputs.teacher_mask, True, np.dtype(np.float64),
+        inputs.dropout_masks)
     assert isinstance(cache.decoder, ref.DecoderStepsCache)
     return Seq2SeqRun(logits, loss, ref.seq2seq_backward(cache, inputs.dlogits, inputs.dloss))
 
@@ -209,7 +233,7 @@ def run_torch_steps(inputs: Seq2SeqInputs) -> Seq2SeqRun:
     (logits, loss), cache = tim._seq2seq_forward(
         to_torch(inputs.src), to_torch(inputs.src_lengths).long(), to_torch(inputs.tgt_in),
         params, inputs.case.config(tim), to_torch(inputs.targets), tim.PAD,
-        _torch_mask(inputs), True, torch.float64)
+        _torch_mask(inputs), True, torch.float64, _torch_dropout_masks(inputs))
     assert isinstance(cache.decoder, tim.DecoderStepsCache)
     grads = tim.seq2seq_backward(cache, to_torch(inputs.dlogits), inputs.dloss)
     return Seq2SeqRun(logits, loss, grads)
@@ -267,7 +291,8 @@ def assert_reference_matches_finite_differences(inputs: Seq2SeqInputs) -> None:
         for name, v in sampled.items():
             params[name].flat[picks[name]] = v
         return ref.seq2seq_forward(inputs.src, inputs.src_lengths, inputs.tgt_in, params,
-                                   config, inputs.targets, teacher_mask=inputs.teacher_mask)[0]
+                                   config, inputs.targets, teacher_mask=inputs.teacher_mask,
+                                   dropout_masks=inputs.dropout_masks)[0]
 
     wrt = {name: p.flat[picks[name]] for name, p in inputs.params.items()}
     numeric = numerical_gradients(model, wrt, (inputs.dlogits, np.asarray(inputs.dloss)))
@@ -693,3 +718,190 @@ def test_bad_inputs_raise_errors_naming_the_argument(module, to, factory) -> Non
             "decoder.head.weight": params["decoder.head.bias"]}), config)
     with pytest.raises(TypeError, match="cache"):
         module.seq2seq_backward(None)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+@given(shape=seq2seq_shapes(), cell=st.sampled_from(CELLS),
+       attention=st.sampled_from(ATTENTIONS), bidirectional=st.booleans(),
+       masked=st.booleans())
+@example(shape=THIN, cell="lstm", attention="bahdanau", bidirectional=True, masked=True)
+@example(shape=THIN, cell="gru", attention="general", bidirectional=False, masked=True)
+@example(shape=THIN, cell="lstm", attention=None, bidirectional=True, masked=False)
+def test_dropout_torch_impl_float64_matches_reference_with_the_same_masks(
+        shape: Seq2SeqShape, cell: str, attention: str | None, bidirectional: bool,
+        masked: bool) -> None:
+    # The one-call decoder (Luong or none, no teacher_mask) and the step-by-step decoder
+    # (Bahdanau, or a teacher_mask with a False), functional and module (training mode).
+    inputs = with_dropout(make_inputs(seq2seq_case(cell, attention, bidirectional, shape)))
+    if masked:
+        inputs = with_teacher_mask(inputs)
+    expected = run_reference(inputs)
+    assume(argmax_gap(expected.logits, inputs.teacher_mask) > ARGMAX_GAP)  # see ARGMAX_GAP
+    assert_runs_close(run_torch_functional(inputs, torch.float64), expected, TORCH64_VS_REF64)
+    assert_runs_close(run_torch_module(inputs, torch.float64), expected, TORCH64_VS_REF64)
+
+
+@given(shape=seq2seq_shapes(), cell=st.sampled_from(CELLS),
+       attention=st.sampled_from(ONE_CALL_ATTENTIONS), bidirectional=st.booleans())
+@example(shape=THIN, cell="gru", attention="concat", bidirectional=True)
+def test_dropout_step_by_step_decoder_reads_column_t_of_the_masks_like_the_one_call_decoder(
+        shape: Seq2SeqShape, cell: str, attention: str | None, bidirectional: bool) -> None:
+    inputs = with_dropout(make_inputs(seq2seq_case(cell, attention, bidirectional, shape)))
+    assert_runs_close(run_reference_steps(inputs), run_reference(inputs), FLOAT64_REORDERED)
+    assert_runs_close(run_torch_steps(inputs), run_torch_functional(inputs, torch.float64),
+                      FLOAT64_REORDERED)
+
+
+@given(shape=seq2seq_shapes(), cell=st.sampled_from(CELLS),
+       attention=st.sampled_from(ATTENTIONS), bidirectional=st.booleans(),
+       masked=st.booleans())
+@example(shape=THIN, cell="lstm", attention="bahdanau", bidirectional=True, masked=True)
+@example(shape=THIN, cell="gru", attention="dot", bidirectional=False, masked=False)
+def test_dropout_reference_backward_matches_finite_differences(
+        shape: Seq2SeqShape, cell: str, attention: str | None, bidirectional: bool,
+        masked: bool) -> None:
+    inputs = with_dropout(make_inputs(seq2seq_case(cell, attention, bidirectional, shape)))
+    if masked:
+        inputs = with_teacher_mask(inputs)
+    assume(argmax_gap(run_reference(inputs).logits, inputs.teacher_mask) > ARGMAX_GAP)
+    assert_reference_matches_finite_differences(inputs)
+
+
+def _fold_dropout_scale(params: dict, case: Seq2SeqCase) -> dict:
+    """The params with 1 / (1 - p) moved into the weights that read each dropout site: the
+    embeddings, the input weights of every layer above the first, and the head."""
+    scale = 1.0 / (1.0 - case.dropout)
+    scaled = ("encoder.embedding.weight", "decoder.embedding.weight", "decoder.head.weight")
+    layers = [f"rnn.weight_ih_l{k}" for k in range(1, case.layers)]
+    layers += [name + "_reverse" for name in layers]
+    return {name: p * scale if name in scaled or name.split(".", 1)[1] in layers else p
+            for name, p in params.items()}
+
+
+@given(shape=seq2seq_shapes(), cell=st.sampled_from(CELLS),
+       attention=st.sampled_from(ATTENTIONS), bidirectional=st.booleans())
+@example(shape=THIN, cell="lstm", attention="bahdanau", bidirectional=True)
+def test_all_true_dropout_masks_equal_no_dropout_with_the_scale_in_the_weights(
+        shape: Seq2SeqShape, cell: str, attention: str | None, bidirectional: bool) -> None:
+    inputs = with_dropout(make_inputs(seq2seq_case(cell, attention, bidirectional, shape)))
+    keep_all = {site: np.ones_like(m) for site, m in inputs.dropout_masks.items()}
+    kept = inputs._replace(dropout_masks=keep_all)
+    no_dropout = inputs._replace(case=inputs.case._replace(dropout=0.0), dropout_masks=None,
+                                 params=_fold_dropout_scale(inputs.params, inputs.case))
+    for run in (run_reference, lambda i: run_torch_functional(i, torch.float64)):
+        actual, expected = run(kept), run(no_dropout)
+        assert_close(actual.logits, expected.logits, FLOAT64_REORDERED.forward, "logits")
+        assert_close(actual.loss, expected.loss, FLOAT64_REORDERED.forward, "loss")
+
+
+def test_dropout_mask_shapes_are_the_same_in_both_backends() -> None:
+    config = dict(src_vocab=5, tgt_vocab=6, embed_size=3, hidden_size=2, num_layers=3,
+                  cell="gru", bidirectional=True, attention="bahdanau", dropout=0.2)
+    shapes = ref.seq2seq_dropout_mask_shapes(ref.Seq2SeqConfig(**config), 4, 5, 6)
+    assert shapes == tim.seq2seq_dropout_mask_shapes(tim.Seq2SeqConfig(**config), 4, 5, 6)
+    assert shapes == {"encoder.embedding": (4, 5, 3), "encoder.rnn.l0": (4, 5, 4),
+                      "encoder.rnn.l1": (4, 5, 4), "decoder.embedding": (4, 6, 3),
+                      "decoder.rnn.l0": (4, 6, 4), "decoder.rnn.l1": (4, 6, 4),
+                      "decoder.output": (4, 6, 4)}
+
+
+def _dropout_model(module, factory, attention: str):
+    config = module.Seq2SeqConfig(5, 6, 3, 2, 2, "lstm", True, attention, 0.5)
+    model = module.Seq2Seq(config, **factory)
+    rng = np.random.default_rng(4)
+    args = (rng.integers(0, 5, (3, 4)), np.array([4, 2, 1]), rng.integers(0, 6, (3, 5)),
+            rng.integers(0, 6, (3, 5)))
+    return model, args
+
+
+@pytest.mark.parametrize("attention", ["general", "bahdanau"])
+@pytest.mark.parametrize("module,to,factory", BACKENDS, ids=["reference", "torch_impl"])
+def test_module_draws_dropout_masks_in_training_mode_only(module, to, factory,
+                                                          attention: str) -> None:
+    model, args = _dropout_model(module, factory, attention)
+    args = tuple(map(to, args))
+    src, lengths, tgt_in, targets = args
+    p = model.config.dropout
+    shapes = module.seq2seq_dropout_mask_shapes(model.config, 3, 4, 5)
+
+    def seed(n: int) -> None:   # the module's generator (reference: self.rng; torch: global)
+        if module is ref:
+            model.rng = np.random.default_rng(n)
+        else:
+            torch.manual_seed(n)
+
+    def same(actual: tuple, expected: tuple) -> None:
+        assert_close(actual[0], expected[0], FLOAT64_REORDERED.forward, "logits")
+        assert_close(actual[1], expected[1], FLOAT64_REORDERED.forward, "loss")
+        assert_all_close(actual[2], expected[2], FLOAT64_REORDERED.gradient, "d")
+
+    # Training mode: masks drawn from the module's generator, one per site in the order of
+    # seq2seq_dropout_mask_shapes, and the hand-written backward applies them.
+    seed(3)
+    if module is ref:
+        rng = copy.deepcopy(model.rng)
+        drawn = {site: rng.random(shape) >= p for site, shape in shapes.items()}
+    else:
+        drawn = {site: torch.empty(shape).bernoulli_(1.0 - p).bool()
+                 for site, shape in shapes.items()}
+        seed(3)
+    train = _module_run(module, model, *args)
+    params = dict(model.state_dict())
+    (logits, loss), cache = module.seq2seq_forward(src, lengths, tgt_in, params, model.config,
+                                                   targets, dropout_masks=drawn)
+    same(train, (logits, loss, module.seq2seq_backward(cache)))
+    seed(3)
+    same(_module_run(module, model, *args), train)           # the same seed, the same masks
+    # Eval mode: no dropout, given masks ignored, the same as a model with dropout 0.
+    model.eval()
+    evaluated = _module_run(module, model, *args, dropout_masks=drawn)
+    assert relative_error(to_numpy(evaluated[0]), to_numpy(train[0])) > 1e-3
+    no_dropout = dataclasses.replace(model.config, dropout=0.0)
+    (logits, loss), cache = module.seq2seq_forward(src, lengths, tgt_in, params, no_dropout,
+                                                   targets)
+    same(evaluated, (logits, loss, module.seq2seq_backward(cache)))
+    # encode / step never drop, in training mode too.
+    model.train()
+    state = model.encode(src, lengths)
+    for t in range(tgt_in.shape[1]):
+        step_logits, state = model.step(tgt_in[:, t], state)
+        assert_close(step_logits, evaluated[0][:, t], FLOAT64_REORDERED.forward,
+                     f"logits[:, {t}]")
+
+
+@pytest.mark.parametrize("module,to,factory", BACKENDS, ids=["reference", "torch_impl"])
+def test_bad_dropout_raises_errors_naming_the_argument(module, to, factory) -> None:
+    model, args = _dropout_model(module, factory, "general")
+    src, lengths, tgt_in, targets = map(to, args)
+    config, params = model.config, dict(model.state_dict())
+    good = {site: to(np.ones(shape, dtype=bool))
+            for site, shape in module.seq2seq_dropout_mask_shapes(config, 3, 4, 5).items()}
+
+    def forward(masks, config=config):
+        return module.seq2seq_forward(src, lengths, tgt_in, params, config, targets,
+                                      dropout_masks=masks)
+
+    forward(good)
+    with pytest.raises(ValueError, match="dropout_masks.*required"):
+        forward(None)
+    with pytest.raises(ValueError, match="dropout_masks.*missing.*decoder.output"):
+        forward({k: v for k, v in good.items() if k != "decoder.output"})
+    with pytest.raises(ValueError, match="dropout_masks.*unexpected.*encoder.rnn.l1"):
+        forward(dict(good, **{"encoder.rnn.l1": good["encoder.rnn.l0"]}))
+    with pytest.raises(ValueError, match=r"dropout_masks\['decoder.embedding'\].*shape"):
+        forward(dict(good, **{"decoder.embedding": good["decoder.embedding"][:, :4]}))
+    with pytest.raises(TypeError, match=r"dropout_masks\['encoder.rnn.l0'\].*bool"):
+        forward(dict(good, **{"encoder.rnn.l0": to(np.ones((3, 4, 4)))}))
+    with pytest.raises(TypeError, match="dropout_masks"):
+        forward(list(good.values()))
+    with pytest.raises(ValueError, match="dropout_masks.*dropout == 0"):
+        forward(good, dataclasses.replace(config, dropout=0.0))
+    with pytest.raises(ValueError, match="dropout_masks"):   # the module checks given masks
+        model(src, lengths, tgt_in, dropout_masks={"decoder.output": good["decoder.output"]})
+    with pytest.raises(ValueError, match="dropout"):
+        module.Seq2SeqConfig(5, 6, 3, 2, dropout=1.0)
+    with pytest.raises(TypeError, match="dropout"):
+        module.Seq2SeqConfig(5, 6, 3, 2, dropout="0.1")
+    with pytest.raises(ValueError, match="batch"):
+        module.seq2seq_dropout_mask_shapes(config, 0, 4, 5)

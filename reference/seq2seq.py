@@ -46,6 +46,18 @@ and its backward runs the steps in reverse carrying dstate.
 Target padding is handled by the loss only (targets == ignore_index, PAD = 0 by default);
 the decoder is causal, so trailing padding never changes the logits of earlier positions.
 
+Dropout (rate p = config.dropout; inverted, with explicit bool keep-masks, see dropout.py):
+
+    x          = E_src[src]  ⊙ m["encoder.embedding"] / (1 - p)      (B, Ts, E)
+    y          = E_tgt[tgt_in] ⊙ m["decoder.embedding"] / (1 - p)    (B, Tt, E)
+    x^{k+1}    = out^k ⊙ m["encoder.rnn.l{k}"] / (1 - p)             between stacked layers,
+                 (and m["decoder.rnn.l{k}"] in the decoder RNN)       k < L - 1, (B, T, Hd)
+    logits     = (h̃ ⊙ m["decoder.output"] / (1 - p)) W_headᵀ + b_head  (B, Tt, Hd)
+
+``seq2seq_dropout_mask_shapes`` lists the sites and shapes. The step-by-step decoder reads
+column t of each decoder mask at step t. Attention reads the top layer's h undropped.
+``encode`` / ``step`` (decoding) never drop.
+
 Every piece is an existing forward/backward pair (embedding.py, lstm.py, gru.py,
 rnn_attention.py, linear.py, activations.py, loss.py); this file only wires them.
 
@@ -64,6 +76,7 @@ axis 0 and ``decoding.select_rows`` reorders it for beam search.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -76,7 +89,9 @@ from .checks import (
     check_positive_int,
     check_probability,
     check_shape,
+    shape_str,
 )
+from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 from .gru import GRU
 from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
@@ -115,6 +130,7 @@ class Seq2SeqConfig:
     cell: str = "lstm"
     bidirectional: bool = False
     attention: str | None = "general"
+    dropout: float = 0.0        # p of every dropout site (seq2seq_dropout_mask_shapes)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "embed_size", "hidden_size", "num_layers"):
@@ -128,6 +144,7 @@ class Seq2SeqConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of "
                              f"{', '.join(map(repr, ATTENTIONS))}, got {self.attention!r}")
+        check_probability("dropout", self.dropout)
 
     @property
     def num_directions(self) -> int:
@@ -208,6 +225,68 @@ def _sub(params: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
+# --------------------------------------------------------------------------- dropout
+
+def seq2seq_dropout_mask_shapes(config: Seq2SeqConfig, batch: int, src_steps: int,
+                                tgt_steps: int) -> dict[str, tuple[int, ...]]:
+    """The dropout sites and their keep-mask shapes, for src (batch, src_steps) and tgt_in
+    (batch, tgt_steps); "{encoder,decoder}.rnn.l{k}" is on layer k's output (k < L - 1)."""
+    config = _check_config(config)
+    B, Ts, Tt = (check_positive_int(name, n) for name, n in
+                 (("batch", batch), ("src_steps", src_steps), ("tgt_steps", tgt_steps)))
+    E, Hd, L = config.embed_size, config.decoder_size, config.num_layers
+    shapes = {"encoder.embedding": (B, Ts, E)}
+    shapes.update({f"encoder.rnn.l{k}": (B, Ts, Hd) for k in range(L - 1)})   # D·H = Hd
+    shapes["decoder.embedding"] = (B, Tt, E)
+    shapes.update({f"decoder.rnn.l{k}": (B, Tt, Hd) for k in range(L - 1)})
+    shapes["decoder.output"] = (B, Tt, Hd)
+    return shapes
+
+
+def _check_dropout_masks(masks: object, config: Seq2SeqConfig, B: int, Ts: int,
+                         Tt: int) -> Mapping[str, np.ndarray] | None:
+    if config.dropout == 0:
+        if masks is not None:
+            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
+        return None
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when config.dropout = {config.dropout} > 0 "
+                         f"(randomness is explicit: see seq2seq_dropout_mask_shapes)")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"dropout_masks: expected a dict of bool arrays, "
+                        f"got {type(masks).__name__}")
+    expected = seq2seq_dropout_mask_shapes(config, B, Ts, Tt)
+    if set(masks) != set(expected):
+        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
+                         f"{sorted(set(expected) - set(masks))}, unexpected "
+                         f"{sorted(set(masks) - set(expected))}")
+    for name, shape in expected.items():
+        mask = masks[name]
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise TypeError(f"dropout_masks[{name!r}]: expected a bool numpy.ndarray "
+                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != shape:
+            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
+                             f"got {shape_str(mask.shape)}")
+    return masks
+
+
+def _dropout(x: np.ndarray, p: float, masks: Mapping | None, site: str
+             ) -> tuple[np.ndarray, DropoutCache | None]:
+    """x ⊙ masks[site] / (1 - p), or x unchanged without masks."""
+    if masks is None:
+        return x, None
+    return dropout_forward(x, p, masks[site])
+
+
+def _rnn_dropout(config: Seq2SeqConfig, masks: Mapping | None, prefix: str
+                 ) -> tuple[float, list | None]:
+    """The (dropout, masks) arguments of the RNN: its inter-layer masks, in layer order."""
+    if masks is None or config.num_layers == 1:
+        return 0.0, None
+    return config.dropout, [masks[f"{prefix}.l{k}"] for k in range(config.num_layers - 1)]
+
+
 # --------------------------------------------------------------------------- bridge
 
 def _bridge(state_part: np.ndarray, D: int) -> np.ndarray:
@@ -227,38 +306,48 @@ def _bridge_backward(dstate_part: np.ndarray, D: int) -> np.ndarray:
 
 class EncoderCache(NamedTuple):
     embedding: EmbeddingCache
+    embedding_dropout: DropoutCache | None  # None without dropout
     rnn: StackCache
 
 
 def _encoder_forward(src: np.ndarray, src_lengths: np.ndarray, params: Mapping,
-                     config: Seq2SeqConfig) -> tuple[np.ndarray, np.ndarray, tuple, EncoderCache]:
-    """(memory m (B, Ts, Hd), key_padding_mask (B, Ts), decoder state s_0, cache)."""
+                     config: Seq2SeqConfig, masks: Mapping | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, tuple, EncoderCache]:
+    """(memory m (B, Ts, Hd), key_padding_mask (B, Ts), decoder state s_0, cache); dropout
+    with the encoder's keep-masks when ``masks`` is given."""
     x, embedding = embedding_forward(src, params["encoder.embedding.weight"])
+    x, embedding_dropout = _dropout(x, config.dropout, masks, "encoder.embedding")
     memory, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "encoder.rnn."),
-                                              None, src_lengths, 0.0, None)
+                                              None, src_lengths,
+                                              *_rnn_dropout(config, masks, "encoder.rnn"))
     key_padding_mask = np.arange(src.shape[1]) >= src_lengths[:, None]
     state0 = tuple(_bridge(s, config.num_directions) for s in state_n)
-    return memory, key_padding_mask, state0, EncoderCache(embedding, rnn)
+    return memory, key_padding_mask, state0, EncoderCache(embedding, embedding_dropout, rnn)
 
 
 class DecoderCache(NamedTuple):
     embedding: EmbeddingCache
+    embedding_dropout: DropoutCache | None  # None without dropout
     attention: LuongAttentionCache | AdditiveAttentionCache | None   # None without attention
     rnn: StackCache
     combine: LinearCache | None             # W_c [c; h]
     tanh: TanhCache | None                  # h̃ = tanh(W_c [c; h])
+    output_dropout: DropoutCache | None     # h̃ ⊙ m / (1 - p); None without dropout
     head: LinearCache
 
 
 def _decoder_forward(tokens: np.ndarray, state0: tuple, memory: np.ndarray,
-                     key_padding_mask: np.ndarray, params: Mapping, config: Seq2SeqConfig
+                     key_padding_mask: np.ndarray, params: Mapping, config: Seq2SeqConfig,
+                     masks: Mapping | None = None
                      ) -> tuple[np.ndarray, tuple, DecoderCache]:
     """(logits (B, T, V_tgt), decoder state s_T, cache) for decoder inputs tokens (B, T).
 
     Luong or no attention runs all T steps in one RNN call; Bahdanau's query is s_{t-1}, so
     it takes one step (T = 1): this is then the per-step decoder of training and decoding.
+    ``masks``: the decoder's keep-masks for these T steps, or None (no dropout).
     """
     y, embedding = embedding_forward(tokens, params["decoder.embedding.weight"])
+    y, embedding_dropout = _dropout(y, config.dropout, masks, "decoder.embedding")
     x, context, attention = y, None, None
     if config.attention == "bahdanau":
         query = state0[0][-1][:, None]            # q_t = top layer's h of s_{t-1}  (B, 1, Hd)
@@ -266,7 +355,7 @@ def _decoder_forward(tokens: np.ndarray, state0: tuple, memory: np.ndarray,
             query, memory, _sub(params, "decoder.attention."), key_padding_mask)
         x = np.concatenate([y, context], axis=-1)  # [E_tgt[y_t]; c_t]
     h, state_n, rnn = _recurrent_forward(config.cell, x, _sub(params, "decoder.rnn."), state0,
-                                         None, 0.0, None)
+                                         None, *_rnn_dropout(config, masks, "decoder.rnn"))
     if config.attention in LUONG_SCORES:
         (context, _), attention = luong_attention_forward(
             h, memory, _sub(params, "decoder.attention."), config.attention, key_padding_mask)
@@ -276,9 +365,11 @@ def _decoder_forward(tokens: np.ndarray, state0: tuple, memory: np.ndarray,
         pre, combine = linear_forward(np.concatenate([context, h], axis=-1),
                                       params["decoder.combine.weight"])
         h_tilde, tanh = tanh_forward(pre)
+    h_tilde, output_dropout = _dropout(h_tilde, config.dropout, masks, "decoder.output")
     logits, head = linear_forward(h_tilde, params["decoder.head.weight"],
                                   params["decoder.head.bias"])
-    return logits, state_n, DecoderCache(embedding, attention, rnn, combine, tanh, head)
+    return logits, state_n, DecoderCache(embedding, embedding_dropout, attention, rnn, combine,
+                                         tanh, output_dropout, head)
 
 
 def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqConfig,
@@ -288,6 +379,8 @@ def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqC
     zeros), the gradient on the final decoder state."""
     dh_tilde, dhead_weight, dhead_bias = linear_backward(dlogits, cache.head)
     dparams = {"decoder.head.weight": dhead_weight, "decoder.head.bias": dhead_bias}
+    if cache.output_dropout is not None:
+        dh_tilde = dropout_backward(dh_tilde, cache.output_dropout)
     dcontext, dh, dmemory = None, dh_tilde, None
     if cache.combine is not None:
         dpre = tanh_backward(dh_tilde, cache.tanh)                       # h̃ = tanh(pre)
@@ -309,6 +402,8 @@ def _decoder_backward(dlogits: np.ndarray, cache: DecoderCache, config: Seq2SeqC
         dh0[-1] += dquery[:, 0]                   # q_t = top layer's h of s_{t-1}
         dstate0 = (dh0,) + dstate0[1:]
         dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
+    if cache.embedding_dropout is not None:
+        dy = dropout_backward(dy, cache.embedding_dropout)
     dparams["decoder.embedding.weight"] = embedding_backward(dy, cache.embedding)
     dparams.update({"decoder.rnn." + k: v for k, v in drnn.items()})
     return dparams, dmemory, dstate0
@@ -320,18 +415,21 @@ class DecoderStepsCache(NamedTuple):
 
 def _decoder_steps_forward(tgt_in: np.ndarray, teacher_mask: np.ndarray | None, state0: tuple,
                            memory: np.ndarray, key_padding_mask: np.ndarray, params: Mapping,
-                           config: Seq2SeqConfig
+                           config: Seq2SeqConfig, masks: Mapping | None = None
                            ) -> tuple[np.ndarray, tuple, DecoderStepsCache]:
     """(logits (B, Tt, V_tgt), decoder state s_n, cache), one step at a time; step t reads
-    tgt_in[:, t] where teacher_mask[:, t] (None: everywhere), else argmax(logits[:, t-1])."""
+    tgt_in[:, t] where teacher_mask[:, t] (None: everywhere), else argmax(logits[:, t-1]),
+    and column t of each decoder keep-mask (B, Tt, ...)."""
     state, logits, steps = state0, [], []
     for t in range(tgt_in.shape[1]):
         tokens = tgt_in[:, t]
         if t > 0 and teacher_mask is not None:
             # The model's own choice: data, not a function of the parameters (no gradient).
             tokens = np.where(teacher_mask[:, t], tokens, logits[-1][:, 0].argmax(axis=-1))
+        masks_t = None if masks is None else {
+            site: m[:, t:t + 1] for site, m in masks.items() if site.startswith("decoder.")}
         logits_t, state, step = _decoder_forward(tokens[:, None], state, memory,
-                                                 key_padding_mask, params, config)
+                                                 key_padding_mask, params, config, masks_t)
         logits.append(logits_t)
         steps.append(step)
     return np.concatenate(logits, axis=1), state, DecoderStepsCache(steps)
@@ -369,13 +467,16 @@ class Seq2SeqCache(NamedTuple):
 def seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
                     params: Mapping[str, np.ndarray], config: Seq2SeqConfig,
                     targets: np.ndarray | None = None, ignore_index: int = PAD,
-                    teacher_mask: np.ndarray | None = None
+                    teacher_mask: np.ndarray | None = None,
+                    dropout_masks: Mapping[str, np.ndarray] | None = None
                     ) -> tuple[tuple[np.ndarray, np.ndarray | None], Seq2SeqCache]:
     """The encoder-decoder (equations in the module docstring).
 
     src int (B, Ts), src_lengths int (B,) in 1..Ts or None (all Ts), tgt_in int (B, Tt),
     targets int (B, Tt) or None, teacher_mask bool (B, Tt) with column 0 True, or None (full
     teacher forcing): where False, step t reads argmax(logits[b, t-1]) instead of tgt_in.
+    dropout_masks: required iff config.dropout > 0, a dict of bool keep-masks with the keys
+    and shapes of ``seq2seq_dropout_mask_shapes(config, B, Ts, Tt)``.
     Returns ((logits (B, Tt, V_tgt), loss 0-d or None), cache).
     """
     config = _check_config(config)
@@ -386,27 +487,31 @@ def seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.
     if targets is not None:
         check_int_array("targets", targets, tgt_in.shape)
     teacher_mask = _check_teacher_mask(teacher_mask, tgt_in)
+    dropout_masks = _check_dropout_masks(dropout_masks, config, B, src.shape[1],
+                                         tgt_in.shape[1])
     stepwise = config.attention == "bahdanau" or (teacher_mask is not None
                                                   and not teacher_mask.all())
     return _seq2seq_forward(src, src_lengths, tgt_in, params, config, targets, ignore_index,
-                            teacher_mask, stepwise, dtype)
+                            teacher_mask, stepwise, dtype, dropout_masks)
 
 
 def _seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray, tgt_in: np.ndarray,
                      params: Mapping[str, np.ndarray], config: Seq2SeqConfig,
                      targets: np.ndarray | None, ignore_index: int,
-                     teacher_mask: np.ndarray | None, stepwise: bool, dtype: np.dtype
+                     teacher_mask: np.ndarray | None, stepwise: bool, dtype: np.dtype,
+                     dropout_masks: Mapping[str, np.ndarray] | None = None
                      ) -> tuple[tuple[np.ndarray, np.ndarray | None], Seq2SeqCache]:
     """seq2seq_forward on checked inputs; ``stepwise`` picks the step-by-step decoder, which
     Luong and no attention take only for a teacher_mask with a False (tests force it)."""
     memory, key_padding_mask, state0, encoder = _encoder_forward(src, src_lengths, params,
-                                                                 config)
+                                                                 config, dropout_masks)
     if stepwise:
         logits, _, decoder = _decoder_steps_forward(tgt_in, teacher_mask, state0, memory,
-                                                    key_padding_mask, params, config)
+                                                    key_padding_mask, params, config,
+                                                    dropout_masks)
     else:
         logits, _, decoder = _decoder_forward(tgt_in, state0, memory, key_padding_mask,
-                                              params, config)
+                                              params, config, dropout_masks)
     loss, loss_cache = None, None
     if targets is not None:
         loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
@@ -438,6 +543,8 @@ def seq2seq_backward(cache: Seq2SeqCache, dlogits: np.ndarray | None = None,
     # s_0 = bridge(s_enc): the decoder's dstate0 is the encoder's dstate_n, reshaped back.
     dstate_n = tuple(_bridge_backward(d, config.num_directions) for d in dstate0)
     dx, drnn, _ = _recurrent_backward(config.cell, dmemory, cache.encoder.rnn, dstate_n)
+    if cache.encoder.embedding_dropout is not None:
+        dx = dropout_backward(dx, cache.encoder.embedding_dropout)
     dparams["encoder.embedding.weight"] = embedding_backward(dx, cache.encoder.embedding)
     dparams.update({"encoder.rnn." + k: v for k, v in drnn.items()})
     return {name: dparams[name] for name in cache.names}
@@ -499,12 +606,15 @@ class Seq2Seq(Module):
 
     def forward(self, src: np.ndarray, src_lengths: np.ndarray | None, tgt_in: np.ndarray,
                 targets: np.ndarray | None = None, ignore_index: int = PAD,
-                teacher_forcing_ratio: float = 1.0, teacher_mask: np.ndarray | None = None
+                teacher_forcing_ratio: float = 1.0, teacher_mask: np.ndarray | None = None,
+                dropout_masks: Mapping[str, np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """-> (logits (B, Tt, V_tgt), loss or None); see ``seq2seq_forward``.
 
         teacher_mask, when given, wins; else with teacher_forcing_ratio < 1 each (b, t >= 1)
         reads tgt_in with probability teacher_forcing_ratio, drawn from ``self.rng``.
+        Dropout only in training mode, with the given keep-masks or masks drawn from
+        ``self.rng`` (after the teacher_mask); in eval mode dropout_masks are ignored.
         """
         ratio = check_probability("teacher_forcing_ratio", teacher_forcing_ratio,
                                   allow_one=True)
@@ -512,9 +622,18 @@ class Seq2Seq(Module):
             _check_ids("tgt_in", tgt_in, self.config.tgt_vocab, ("B", "Tt"))
             teacher_mask = self.rng.random(tgt_in.shape) < ratio
             teacher_mask[:, 0] = True
+        config = self.config
+        if not self.training or config.dropout == 0:
+            config, dropout_masks = dataclasses.replace(config, dropout=0.0), None
+        elif dropout_masks is None:
+            _check_ids("src", src, config.src_vocab, ("B", "Ts"))
+            _check_ids("tgt_in", tgt_in, config.tgt_vocab, (src.shape[0], "Tt"))
+            shapes = seq2seq_dropout_mask_shapes(config, *src.shape, tgt_in.shape[1])
+            dropout_masks = {site: self.rng.random(shape) >= config.dropout
+                             for site, shape in shapes.items()}
         (logits, loss), self._cache = seq2seq_forward(src, src_lengths, tgt_in, self.params,
-                                                      self.config, targets, ignore_index,
-                                                      teacher_mask)
+                                                      config, targets, ignore_index,
+                                                      teacher_mask, dropout_masks)
         return logits, loss
 
     __call__ = forward
@@ -530,14 +649,15 @@ class Seq2Seq(Module):
     # ----------------------------------------------------------------------- generation
 
     def encode(self, src: np.ndarray, src_lengths: np.ndarray | None = None) -> Seq2SeqState:
-        """Run the encoder once: the initial decoding state for ``step``."""
+        """Run the encoder once, never with dropout: the initial decoding state for ``step``."""
         src_lengths = _check_src(src, src_lengths, self.config)
         memory, mask, state0, _ = _encoder_forward(src, src_lengths, self.params, self.config)
         return Seq2SeqState(memory, mask, tuple(s.transpose(1, 0, 2) for s in state0))
 
     def step(self, tokens: np.ndarray, state: Seq2SeqState
              ) -> tuple[np.ndarray, Seq2SeqState]:
-        """One decoder step: tokens int (B,) -> (logits (B, V_tgt), next state)."""
+        """One decoder step, never with dropout: tokens int (B,) -> (logits (B, V_tgt), next
+        state)."""
         _check_ids("tokens", tokens, self.config.tgt_vocab, ("B",))
         if not isinstance(state, Seq2SeqState):
             raise TypeError(f"state: expected the Seq2SeqState of encode, "
