@@ -354,7 +354,8 @@ def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str
     return {"kind": "seq2seq", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
             "embed_size": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
             "cell": args.model, "bidirectional": args.bidirectional,
-            "attention": None if args.attention == "none" else args.attention}
+            "attention": None if args.attention == "none" else args.attention,
+            "dropout": args.dropout or 0.0}
 
 
 def _make_task(name: str, data: str, settings: dict[str, Any],

@@ -65,7 +65,14 @@ from .rnn_attention import (
     luong_attention_backward,
     luong_attention_forward,
 )
-from .seq2seq import Seq2Seq, Seq2SeqConfig, Seq2SeqState, seq2seq_backward, seq2seq_forward
+from .seq2seq import (
+    Seq2Seq,
+    Seq2SeqConfig,
+    Seq2SeqState,
+    seq2seq_backward,
+    seq2seq_dropout_mask_shapes,
+    seq2seq_forward,
+)
 from .transformer import (
     GPT,
     GPTConfig,
@@ -171,4 +178,5 @@ __all__ = [
     "Seq2SeqState",
     "seq2seq_forward",
     "seq2seq_backward",
+    "seq2seq_dropout_mask_shapes",
 ]
