@@ -259,15 +259,17 @@ def test_translation_eval_gives_the_same_loss_and_bleu_in_both_backends(
 
 
 @pytest.mark.parametrize("attention", ["none", "bahdanau"])
-def test_translation_trains_with_each_decoder_and_partial_teacher_forcing(
+def test_translation_trains_with_each_decoder_partial_teacher_forcing_and_dropout(
         pairs: Path, attention: str, tmp_path: Path) -> None:
     out = tmp_path / attention
     assert main(["train", "--data", str(pairs), "--out", str(out), "--steps", "3",
                  "--eval-every", "3", "--attention", attention, "--teacher-forcing", "0.5",
+                 "--dropout", "0.2",
                  *SEQ2SEQ[:2], "--model", "lstm", *SEQ2SEQ[4:]]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["teacher_forcing"] == 0.5
     assert config["model"]["attention"] == (None if attention == "none" else attention)
+    assert config["model"]["dropout"] == 0.2
     assert all(math.isfinite(r["train_loss"]) for r in _metrics(out))
 
 
