@@ -1,6 +1,7 @@
 """seqtwin benchmarks: scripts that run both backends side by side.
 
-``python -m benchmarks`` runs the parity report (benchmarks/parity_report.py):
-every implemented layer in ``reference`` and ``torch_impl`` on random inputs,
-with relative errors against the DESIGN.md budgets and wall times.
+``python -m benchmarks`` (benchmarks/suite.py) runs every suite: layers, models, generation
+and scaling (bench_<suite>.py, each also runnable on its own) against the anchors, then the
+parity report (benchmarks/parity_report.py). bench_recurrent.py and bench_attention.py are
+the per-layer deep dives behind the committed results in results/<machine>/.
 """

@@ -1,5 +1,6 @@
-"""``python -m benchmarks``: the parity report (see benchmarks/parity_report.py)."""
+"""``python -m benchmarks``: every implementation side by side and the parity report
+(see benchmarks/suite.py)."""
 
-from benchmarks.parity_report import main
+from benchmarks.suite import main
 
 raise SystemExit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,9 +49,89 @@ def time_call(fn: Callable[[], Any], device: str = "cpu", warmup: int = 2, repea
         total += elapsed
         if len(samples) >= 10_000:
             break
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    q = (statistics.quantiles(samples, n=4, method="inclusive") if len(samples) >= 2
+         else [samples[0]] * 3)
     return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2],
             "min_s": min(samples), "n": len(samples)}
+
+
+def pin_threads(threads: int | None) -> int:
+    """Pin torch's intra-op threads and every BLAS/OpenMP pool numpy uses to ``threads``
+    (None: torch's own count, which follows OMP_NUM_THREADS); returns the count."""
+    import torch
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+    return threads
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: str = "cpu") -> float | None:
+    """Memory one call of ``fn`` needs beyond what was live before it, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
+    CPU: the process's resident-set high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) minus its resident set before the call; an approximation
+    (allocator caching hides reused memory, page granularity) that covers NumPy and torch
+    alike. None where /proc cannot be written (not Linux, a locked-down container).
+    """
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(_status_kib("VmHWM") - before, 0) / 1024
+
+
+def measure_peaks(device: str = "cpu", gemm_size: int = 2048, copy_mib: int = 256
+                  ) -> dict[str, float]:
+    """The machine's peaks, measured now: GEMM GFLOP/s per library and dtype (an n x n
+    product, 2 n^3 FLOP) and copy bandwidth GB/s (read + write of ``copy_mib`` MiB).
+
+    Keys ``gemm_<library>_<dtype>`` and ``copy_<library>``, library "torch" or "numpy"
+    (NumPy only on the CPU).
+    """
+    import torch
+    n = gemm_size
+    peaks: dict[str, float] = {}
+    for dtype in ("float32", "float64"):
+        a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device=device) for _ in range(2))
+        t = time_call(lambda: torch.mm(a, b), device, warmup=1, repeat=3)["min_s"]
+        peaks[f"gemm_torch_{dtype}"] = 2.0 * n**3 / t / 1e9
+        if not device.startswith("cuda"):
+            an, bn = a.numpy(), b.numpy()
+            t = time_call(lambda: an @ bn, warmup=1, repeat=3)["min_s"]
+            peaks[f"gemm_numpy_{dtype}"] = 2.0 * n**3 / t / 1e9
+    elements = copy_mib * 2**20 // 4
+    src = torch.randn(elements, device=device)
+    dst = torch.empty_like(src)
+    t = time_call(lambda: dst.copy_(src), device, warmup=1, repeat=5)["min_s"]
+    peaks["copy_torch"] = 2.0 * src.numel() * 4 / t / 1e9
+    if not device.startswith("cuda"):
+        src_np, dst_np = src.numpy(), dst.numpy()
+        t = time_call(lambda: np.copyto(dst_np, src_np), warmup=1, repeat=5)["min_s"]
+        peaks["copy_numpy"] = 2.0 * src_np.nbytes / t / 1e9
+    return peaks
 
 
 def cpu_model() -> str:
@@ -79,6 +160,10 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
         "platform": platform.platform(), "numpy": np.__version__, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "blas": blas_info(),
+        # torch's own BLAS (statically linked, so threadpoolctl does not list it) and the
+        # vector ISA its CPU kernels dispatched to
+        "torch_blas": (re.findall(r"BLAS_INFO=(\w+)", torch.__config__.show()) or [None])[0],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "openblas_env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                          "OMP_NUM_THREADS")},
     }

@@ -1,0 +1,207 @@
+"""Model training steps: a GPT against transformers' GPT2LMHeadModel of the same shape, and
+the Seq2Seq model (no anchor: torch has no ready-made attentional encoder-decoder).
+
+A training step is forward, loss and backward (every parameter's gradient); the optimizer
+update, O(parameters) and the same for every implementation, is left out. Parameters are
+shared: the transformers model is built from a config (no download) and its state dict is
+loaded into torch_impl's and the reference's GPT; the Seq2Seq's torch_impl state dict into
+the reference's.
+
+FLOP count per step (3 x forward: the backward is 2 x forward)::
+
+    GPT       forward B T (24 L E^2 + 2 E V + 2 L T E): the 12 L E^2 block weights and the
+              tied head, 2 FLOP per weight per token, and causal attention (q k^T and p v,
+              4 T E per token and layer, halved by the mask)
+    Seq2Seq   forward, one layer, D directions, Hd = D H, Luong "general" attention:
+              encoder D 2 B Ts 4H (E + H) + decoder 2 B Tt 4Hd (E + Hd)
+              + attention 2 B Tt Hd (Hd + 2 Ts) + combine 2 B Tt 2Hd Hd + head 2 B Tt Hd V
+
+Tokens per step: B T (GPT), B Tt target tokens (Seq2Seq).
+Target (issue #6): torch_impl GPT training step >= 1.5x transformers, same shape.
+
+    python -m benchmarks.bench_models                   # small: GPT L4 h4 E256 T256 B8
+    python -m benchmarks.bench_models --sizes tiny
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import reference
+import torch_impl
+from benchmarks.suite import Impl, Outputs, Settings, Workload, compiled, to_torch
+from benchmarks.suite import main as suite_main
+
+HF = "transformers.GPT2LMHeadModel"
+
+
+@dataclass(frozen=True)
+class GPTSizes:
+    layers: int
+    heads: int
+    width: int   # E
+    context: int  # T, the block size
+    batch: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Seq2SeqSizes:
+    batch: int
+    src_steps: int
+    tgt_steps: int
+    embed: int
+    hidden: int  # per encoder direction; bidirectional LSTM encoder, one layer
+    vocab: int   # source and target
+
+
+GPT_SIZES = {
+    "tiny": GPTSizes(1, 2, 16, 16, 2, 32),
+    "small": GPTSizes(4, 4, 256, 256, 8, 8192),  # the issue's shape; the vocabulary is ours
+    "medium": GPTSizes(6, 8, 512, 512, 8, 16384),
+}
+SEQ2SEQ_SIZES = {
+    "tiny": Seq2SeqSizes(2, 5, 4, 8, 8, 20),
+    "small": Seq2SeqSizes(32, 32, 32, 256, 256, 8000),
+    "medium": Seq2SeqSizes(64, 48, 48, 512, 512, 16000),
+}
+
+
+def hf_gpt2(s: GPTSizes, device: str) -> torch.nn.Module:
+    """transformers' GPT-2 of this shape, built from a config (no download), no dropout,
+    no BOS/EOS so that generation never stops early."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=s.vocab, n_positions=s.context, n_embd=s.width, n_layer=s.layers,
+        n_head=s.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return transformers.GPT2LMHeadModel(config).to(device)
+
+
+def gpt_config(package: object, s: GPTSizes) -> object:
+    return package.GPTConfig(vocab_size=s.vocab, block_size=s.context, n_layer=s.layers,
+                             n_head=s.heads, n_embd=s.width)
+
+
+def gpt_train_step(settings: Settings) -> Workload:
+    s = GPT_SIZES[settings.sizes]
+    B, T = s.batch, s.context
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    ids, targets = rng.integers(0, s.vocab, (B, T)), rng.integers(0, s.vocab, (B, T))
+    hf = hf_gpt2(s, settings.device)
+    state = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
+
+    def reference_run(dtype: str) -> Callable[[], Outputs]:
+        model = reference.GPT(gpt_config(reference, s), dtype=np.dtype(dtype))
+        model.load_state_dict(state)
+
+        def run() -> Outputs:
+            _, loss = model(ids, targets)
+            model.backward()
+            return {"out": loss, **model.grads}
+        return run
+
+    def torch_run(model: torch.nn.Module, loss_of: Callable[..., torch.Tensor]
+                  ) -> Callable[[], Outputs]:
+        ids_, targets_ = (to_torch(a, "float32", settings.device) for a in (ids, targets))
+
+        def run() -> Outputs:
+            model.zero_grad(set_to_none=True)
+            loss = loss_of(model, ids_, targets_)
+            loss.backward()
+            return {"out": loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+        return run
+
+    def ours() -> torch.nn.Module:
+        model = torch_impl.GPT(gpt_config(torch_impl, s), device=settings.device)
+        model.load_state_dict(state)
+        return model
+
+    ours_loss = lambda m, ids, targets: m(ids, targets)[1]  # noqa: E731
+    hf_loss = lambda m, ids, targets: F.cross_entropy(  # noqa: E731
+        m(ids).logits.flatten(0, 1), targets.flatten())
+    impls = [Impl("reference", "float32", reference_run("float32"), library="numpy"),
+             Impl("torch_impl", "float32", torch_run(ours(), ours_loss), device=settings.device)]
+    if settings.full:
+        model = ours()
+        compiled_forward = compiled(model)
+        impls.append(Impl("torch_impl compiled", "float32",
+                          torch_run(model, lambda m, ids, t: compiled_forward(ids, t)[1]),
+                          device=settings.device))
+    impls.append(Impl(HF, "float32", torch_run(hf.train(), hf_loss), device=settings.device))
+    L, E, V = s.layers, s.width, s.vocab
+    flops = 3.0 * B * T * (24 * L * E * E + 2 * E * V + 2 * L * T * E)
+    return Workload("models", "GPT training step", f"L={L} h={s.heads} E={E} T={T} B={B} V={V}",
+                    B * T, flops, impls, oracle=reference_run("float64"), anchor=HF,
+                    backward=True,
+                    targets=[("torch_impl float32", f"{HF} float32", 1.5),
+                             ("torch_impl compiled float32", f"{HF} float32", 1.5)])
+
+
+def seq2seq_train_step(settings: Settings) -> Workload:
+    s = SEQ2SEQ_SIZES[settings.sizes]
+    B, Ts, Tt, V = s.batch, s.src_steps, s.tgt_steps, s.vocab
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    src, tgt_in, targets = (rng.integers(1, V, (B, n)) for n in (Ts, Tt, Tt))
+    src_lengths = rng.integers(Ts // 2 + 1, Ts + 1, B)
+    src_lengths[0] = Ts
+    kwargs = dict(src_vocab=V, tgt_vocab=V, embed_size=s.embed, hidden_size=s.hidden,
+                  cell="lstm", bidirectional=True, attention="general")
+    ours = torch_impl.Seq2Seq(torch_impl.Seq2SeqConfig(**kwargs), device=settings.device)
+    state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
+
+    def reference_run(dtype: str) -> Callable[[], Outputs]:
+        model = reference.Seq2Seq(reference.Seq2SeqConfig(**kwargs), dtype=np.dtype(dtype))
+        model.load_state_dict(state)
+
+        def run() -> Outputs:
+            _, loss = model(src, src_lengths, tgt_in, targets)
+            model.backward()
+            return {"out": loss, **model.grads}
+        return run
+
+    inputs = [to_torch(a, "float32", settings.device) for a in (src, src_lengths, tgt_in, targets)]
+
+    def torch_run() -> Outputs:
+        ours.zero_grad(set_to_none=True)
+        _, loss = ours(*inputs)
+        loss.backward()
+        return {"out": loss.detach(), **{n: p.grad for n, p in ours.named_parameters()}}
+
+    impls = [Impl("reference", "float32", reference_run("float32"), library="numpy"),
+             Impl("torch_impl", "float32", torch_run, device=settings.device)]
+    E, H, Hd = s.embed, s.hidden, 2 * s.hidden
+    forward = (2 * 2.0 * B * Ts * 4 * H * (E + H) + 2.0 * B * Tt * 4 * Hd * (E + Hd)
+               + 2.0 * B * Tt * Hd * (Hd + 2 * Ts) + 2.0 * B * Tt * 2 * Hd * Hd
+               + 2.0 * B * Tt * Hd * V)
+    return Workload("models", "Seq2Seq training step",
+                    f"LSTM bidir Luong-general B={B} Ts={Ts} Tt={Tt} E={E} H={H} V={V}",
+                    B * Tt, 3 * forward, impls, oracle=reference_run("float64"), backward=True)
+
+
+def workloads(settings: Settings) -> list[Workload]:
+    return [gpt_train_step(settings), seq2seq_train_step(settings)]
+
+
+def notes(settings: Settings) -> list[str]:
+    s = GPT_SIZES[settings.sizes]
+    return [f"models: training step = forward + loss + backward, no optimizer update; GPT "
+            f"vocabulary {s.vocab} (the issue fixes L, h, E, T, B, not V); transformers runs "
+            "its default (sdpa) attention; Seq2Seq has no anchor and no compiled row "
+            "(its autograd Function runs Python loops)."]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return suite_main(argv, prog="python -m benchmarks.bench_models", default_suite="models")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``python -m benchmarks`` at tiny sizes: every suite runs and writes what it promises (JSON
+rows with their figures, a Markdown table, the PNG plots), and every row's error column is
+within its budget. Outputs only, never timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.suite import main
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+FIGURES = {"median_s", "q1_s", "q3_s", "tokens_per_s", "gflop_per_s", "peak_fraction",
+           "peak_mib", "rel_err"}
+LADDERS = {  # suite -> implementations every workload of it must have
+    "layers": {"reference", "torch_impl"},
+    "models": {"reference", "torch_impl"},
+    "generation": {"reference", "torch_impl", "transformers generate"},
+    "scaling": {"reference", "torch_impl"},
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("benchmarks")
+    suites = ",".join(LADDERS)
+    assert main(["--sizes", "tiny", "--threads", "1", "--suite", suites, "--out", str(out)]) == 0
+    return out, json.loads((out / "benchmarks.json").read_text())
+
+
+def test_every_suite_writes_rows_with_every_figure(report: tuple[Path, dict]) -> None:
+    _, payload = report
+    rows = payload["rows"]
+    assert {r["suite"] for r in rows} == set(LADDERS)
+    for row in rows:
+        name = f"{row['workload']} {row['shape']} {row['impl']} {row['dtype']}"
+        assert row["error"] is None, name
+        assert FIGURES <= row.keys(), name
+        assert row["median_s"] > 0 and row["tokens_per_s"] > 0, name
+    for suite, ladder in LADDERS.items():
+        for workload in {r["workload"] for r in rows if r["suite"] == suite}:
+            impls = {r["impl"] for r in rows if r["workload"] == workload}
+            assert ladder <= impls, f"{workload}: {sorted(impls)}"
+    assert payload["meta"]["peaks"]["gemm_torch_float32"] > 0
+    assert payload["meta"]["threads"] == 1
+
+
+def test_error_column_is_within_budget_and_tokens_agree(report: tuple[Path, dict]) -> None:
+    _, payload = report
+    for row in payload["rows"]:
+        name = f"{row['workload']} {row['shape']} {row['impl']} {row['dtype']}"
+        if row["suite"] == "scaling":
+            assert row["rel_err"] is None, name  # bench_layers holds the error column
+        elif row["suite"] == "generation":
+            assert row["rel_err"] in (0.0, None), name  # tokens equal the reference's
+        else:
+            assert row["rel_err"] <= row["budget"], name
+
+
+def test_targets_are_reported_as_met_or_missed(report: tuple[Path, dict]) -> None:
+    _, payload = report
+    targets = [r for r in payload["rows"] if "target" in r]
+    labels = {(r["workload"], r["impl"], r["dtype"]) for r in targets}
+    assert ("lstm forward+backward", "torch_impl", "float32") in labels
+    assert ("lstm forward+backward", "reference", "float64") in labels
+    assert ("GPT training step", "torch_impl", "float32") in labels
+    assert ("beam 4 kv cache", "torch_impl", "float32") in labels
+    assert all(r["target"].split(": ")[1].startswith(("met", "missed")) for r in targets)
+
+
+def test_markdown_table_and_plots_are_written(report: tuple[Path, dict]) -> None:
+    out, _ = report
+    md = (out / "benchmarks.md").read_text()
+    assert md.startswith("# seqtwin benchmarks")
+    for suite in LADDERS:
+        assert f"## {suite}" in md
+    assert "| workload | shape | impl | dtype | median ms |" in md
+    for name in ("layers", "models", "generation", "scaling_lstm", "scaling_gru", "scaling_mha"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name}.png)" in md
+
+
+def test_parity_suite_runs_the_parity_report(tmp_path: Path) -> None:
+    assert main(["--sizes", "tiny", "--suite", "parity", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "parity_report.json").read_text())
+    assert report["meta"]["rows"] == report["meta"]["passed"] > 0
