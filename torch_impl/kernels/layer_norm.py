@@ -1,6 +1,6 @@
 """Fused LayerNorm over the last axis: ``seqtwin::layer_norm`` and its backward op.
 
-For one row x (D,), with biased variance as in torch (same math as ``normalization.py``):
+For one row x (D,), with biased variance as in torch (the math behind ``normalization.py``):
 
     μ = (1/D) Σ_i x_i           σ² = (1/D) Σ_i (x_i - μ)²        r = 1 / √(σ² + ε)
     x̂ = (x - μ) r               y = x̂ ⊙ w + b
