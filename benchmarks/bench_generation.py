@@ -154,7 +154,9 @@ def notes(settings: Settings) -> list[str]:
     return [f"generation: the GPT of the models suite, {sizes.new_tokens} new tokens from one "
             "BOS per prompt, float32; rel err here is the fraction of generated tokens that "
             "differ from the float64 reference's (transformers sampling: its own random "
-            "stream, not compared)."]
+            "stream, not compared). Sampling is discontinuous in the logits: where a float32 "
+            "CDF lands on the other side of a uniform, one token and every later one change, "
+            "so a non-zero sampling error is rounding, not a bug; greedy and beam must agree."]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,8 +108,8 @@ def measure_peaks(device: str = "cpu", gemm_size: int = 2048, copy_mib: int = 25
     """The machine's peaks, measured now: GEMM GFLOP/s per library and dtype (an n x n
     product, 2 n^3 FLOP) and copy bandwidth GB/s (read + write of ``copy_mib`` MiB).
 
-    Keys ``gemm_<library>_<dtype>`` and ``copy_<library>``, library "torch" or "numpy"
-    (NumPy only on the CPU).
+    Keys ``gemm_<library>_<dtype>`` and ``copy_<library>``, library "torch" (on ``device``)
+    or "numpy" (always the CPU).
     """
     import torch
     n = gemm_size
@@ -118,19 +118,17 @@ def measure_peaks(device: str = "cpu", gemm_size: int = 2048, copy_mib: int = 25
         a, b = (torch.randn(n, n, dtype=getattr(torch, dtype), device=device) for _ in range(2))
         t = time_call(lambda: torch.mm(a, b), device, warmup=1, repeat=3)["min_s"]
         peaks[f"gemm_torch_{dtype}"] = 2.0 * n**3 / t / 1e9
-        if not device.startswith("cuda"):
-            an, bn = a.numpy(), b.numpy()
-            t = time_call(lambda: an @ bn, warmup=1, repeat=3)["min_s"]
-            peaks[f"gemm_numpy_{dtype}"] = 2.0 * n**3 / t / 1e9
+        an, bn = a.cpu().numpy(), b.cpu().numpy()
+        t = time_call(lambda: an @ bn, warmup=1, repeat=3)["min_s"]
+        peaks[f"gemm_numpy_{dtype}"] = 2.0 * n**3 / t / 1e9
     elements = copy_mib * 2**20 // 4
     src = torch.randn(elements, device=device)
     dst = torch.empty_like(src)
     t = time_call(lambda: dst.copy_(src), device, warmup=1, repeat=5)["min_s"]
     peaks["copy_torch"] = 2.0 * src.numel() * 4 / t / 1e9
-    if not device.startswith("cuda"):
-        src_np, dst_np = src.numpy(), dst.numpy()
-        t = time_call(lambda: np.copyto(dst_np, src_np), warmup=1, repeat=5)["min_s"]
-        peaks["copy_numpy"] = 2.0 * src_np.nbytes / t / 1e9
+    src_np, dst_np = src.cpu().numpy(), dst.cpu().numpy()
+    t = time_call(lambda: np.copyto(dst_np, src_np), warmup=1, repeat=5)["min_s"]
+    peaks["copy_numpy"] = 2.0 * src_np.nbytes / t / 1e9
     return peaks
 
 
