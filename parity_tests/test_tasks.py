@@ -248,6 +248,17 @@ def test_translate_reads_stdin(mt_run: Path, capsys: pytest.CaptureFixture,
     assert len(_run(capsys, "translate", "--checkpoint", str(mt_run)).splitlines()) == 2
 
 
+def test_bleu_scores_against_every_reference_given() -> None:
+    from seqtwin.tasks import bleu
+    assert bleu(["tu es tetu ."], [["tu es tetu ."]]) == pytest.approx(100.0)
+    single = bleu(["tu es tetu ."], [["vous etes tetus ."]])
+    assert single < 50
+    assert bleu(["tu es tetu ."], [["vous etes tetus .", "tu es tetu ."]]) == pytest.approx(100)
+    # a ragged list: the second sentence has one reference, the first two
+    two = bleu(["a b c d", "e f g h"], [["a b c x", "a b c d"], ["e f g h"]])
+    assert two == pytest.approx(100.0)
+
+
 def test_translation_eval_gives_the_same_loss_and_bleu_in_both_backends(
         mt_run: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["eval", "--checkpoint", str(mt_run), "--json", "--dtype", "float64",
@@ -256,6 +267,7 @@ def test_translation_eval_gives_the_same_loss_and_bleu_in_both_backends(
     numpy_result = json.loads(_run(capsys, *argv, "--backend", "numpy"))
     assert math.isclose(torch_result["val_loss"], numpy_result["val_loss"], rel_tol=1e-10)
     assert torch_result["val_bleu"] == numpy_result["val_bleu"]
+    assert torch_result["val_bleu_multi"] == numpy_result["val_bleu_multi"]
 
 
 @pytest.mark.parametrize("attention", ["none", "bahdanau"])

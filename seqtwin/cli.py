@@ -751,8 +751,8 @@ def evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"step {result['step']}: val loss {result['val_loss']:.4f} {task.unit} "
               f"(perplexity {result['val_perplexity']:.2f})"
-              + (f", BLEU {result['val_bleu']:.2f} ({args.beams} beams)"
-                 if "val_bleu" in result else ""))
+              + (f", BLEU {result['val_bleu']:.2f} ({result['val_bleu_multi']:.2f} against "
+                 f"every reference; {args.beams} beams)" if "val_bleu" in result else ""))
     return 0
 
 

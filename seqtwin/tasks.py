@@ -374,19 +374,34 @@ class TranslateTask:
                                     beams)
         model.train()
         return {"val_loss": total / count,
-                "val_bleu": bleu(hypotheses, [t for _, t in self.val_pairs])}
+                "val_bleu": bleu(hypotheses, [[t] for _, t in self.val_pairs]),
+                "val_bleu_multi": bleu(hypotheses, self._all_references())}
+
+    def _all_references(self) -> list[list[str]]:
+        """Per validation pair, every translation of its source sentence in the data (its own
+        first): Tatoeba often has several ("you're stubborn ." -> "tu es tetu .", "vous etes
+        entetees ." ...), and one reference alone scores a valid one as wrong."""
+        translations: dict[str, list[str]] = {}
+        for source, target in self.val_pairs + self.train_pairs:
+            if target not in translations.setdefault(source, []):
+                translations[source].append(target)
+        return [[target] + [t for t in translations[source] if t != target]
+                for source, target in self.val_pairs]
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """sacrebleu's corpus BLEU of normalised sentences, one reference each."""
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """sacrebleu's corpus BLEU of normalised sentences; ``references[i]`` lists the
+    reference translations of hypothesis i (one or more)."""
     try:
         import sacrebleu
     except ImportError:  # pragma: no cover - the cli extra installs it
         raise ImportError("BLEU needs sacrebleu: pip install 'seqtwin[cli]'") from None
+    most = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(most)]
     # The sentences are already split into words and punctuation (normalize_sentence), so
     # sacrebleu scores them as they are: tokenize="none".
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)],
-                                       tokenize="none", force=True).score)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams, tokenize="none",
+                                       force=True).score)
 
 
 def perplexity(nats: float) -> float:
