@@ -27,10 +27,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels.gru_step import gru_step_backward_op, gru_step_op
+from .kernels import use_op
+from .kernels.gru_step import (
+    gru_step_backward_op,
+    gru_step_backward_torch,
+    gru_step_forward_torch,
+    gru_step_op,
+)
 from .recurrent import (
     Cell,
     CellCache,
+    Linear,
     RecurrentCache,
     RecurrentModule,
     cell_backward,
@@ -50,20 +57,22 @@ class GRUStepCache(NamedTuple):
     active: Tensor | None    # (B,) bool, t < lengths[b]; None: every row
 
 
-def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None,
+def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Linear, b_hh: Tensor | None,
               active: Tensor | None) -> tuple[tuple[Tensor], GRUStepCache]:
     """h_t from xw_t = W_ih x_t + b_ih (B, 3H) and h_{t-1}."""
     (h_prev,) = state
-    hh = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
-    h, saved = gru_step_op(xw, hh, h_prev, active)
+    hh = w_hh(h_prev, b_hh)
+    step = gru_step_op if use_op(h_prev) else gru_step_forward_torch  # the op, or its torch path
+    h, saved = step(xw, hh, h_prev, active)
     return (h,), GRUStepCache(saved, h_prev, active)
 
 
-def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh: Tensor
+def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh_t: Linear
                        ) -> tuple[Tensor, Tensor, tuple[Tensor]]:
     (dh,) = dstate
-    dgates_x, dgates_h, dh_carried = gru_step_backward_op(dh, *cache)
-    return dgates_x, dgates_h, (torch.addmm(dh_carried, dgates_h, w_hh),)
+    step_backward = gru_step_backward_op if use_op(dh) else gru_step_backward_torch
+    dgates_x, dgates_h, dh_carried = step_backward(dh, *cache)
+    return dgates_x, dgates_h, (w_hh_t(dgates_h, dh_carried),)
 
 
 GRU_CELL = Cell(num_gates=3, num_states=1, step=_gru_step, step_backward=_gru_step_backward,

@@ -27,10 +27,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels.lstm_step import lstm_step_backward_op, lstm_step_op
+from .kernels import use_op
+from .kernels.lstm_step import (
+    lstm_step_backward_op,
+    lstm_step_backward_torch,
+    lstm_step_forward_torch,
+    lstm_step_op,
+)
 from .recurrent import (
     Cell,
     CellCache,
+    Linear,
     RecurrentCache,
     RecurrentModule,
     cell_backward,
@@ -51,21 +58,27 @@ class LSTMStepCache(NamedTuple):
     active: Tensor | None    # (B,) bool, t < lengths[b]; None: every row
 
 
-def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh: Tensor | None,
+def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Linear, b_hh: Tensor | None,
                active: Tensor | None) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
     """(h_t, c_t) from xw_t = W_ih x_t + b_ih (B, 4H) and (h_{t-1}, c_{t-1})."""
     h_prev, c_prev = state
-    hh = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
-    h, c, gates = lstm_step_op(xw, hh, h_prev, c_prev, active)
+    if use_op(h_prev):
+        h, c, gates = lstm_step_op(xw, w_hh(h_prev, b_hh), h_prev, c_prev, active)
+    else:  # the op's torch path, with xw + W_hh h_{t-1} summed by the matmul itself
+        gates = w_hh(h_prev, xw)
+        if b_hh is not None:
+            gates += b_hh
+        h, c = lstm_step_forward_torch(gates, h_prev, c_prev, active)
     return (h, c), LSTMStepCache(gates, c_prev, c, active)
 
 
-def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh: Tensor
+def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh_t: Linear
                         ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     dh, dc = dstate
-    dgates, dh_carried, dc_prev = lstm_step_backward_op(dh, dc, *cache)
+    step_backward = lstm_step_backward_op if use_op(dh) else lstm_step_backward_torch
+    dgates, dh_carried, dc_prev = step_backward(dh, dc, *cache)
     # h_{t-1} enters the gates through W_hh h_{t-1}; at inactive rows, through the carried state
-    return dgates, dgates, (torch.addmm(dh_carried, dgates, w_hh), dc_prev)
+    return dgates, dgates, (w_hh_t(dgates, dh_carried), dc_prev)
 
 
 LSTM_CELL = Cell(num_gates=4, num_states=2, step=_lstm_step, step_backward=_lstm_step_backward,

@@ -57,13 +57,46 @@ class Cell(NamedTuple):
     """One recurrent cell step, written once per cell type and driven by this file."""
     num_gates: int           # G: W_ih is (G*H, I)
     num_states: int          # 1 for (h,), 2 for (h, c)
-    # (xw, state, w_hh, b_hh, active) -> (state_new, step_cache); active (B,) bool or None:
-    # inactive rows (padding) carry their state
+    # (xw, state, w_hh, b_hh, active) -> (state_new, step_cache); w_hh: Linear of W_hh;
+    # active (B,) bool or None: inactive rows (padding) carry their state
     step: Callable
-    # (dstate_new, step_cache, w_hh) -> (dgates_x, dgates_h, dstate); inactive rows get
-    # dgates 0 and pass dstate_new through
+    # (dstate_new, step_cache, w_hh_t) -> (dgates_x, dgates_h, dstate); w_hh_t: Linear of
+    # W_hhᵀ; inactive rows get dgates 0 and pass dstate_new through
     step_backward: Callable
     separate_dgates_h: bool  # GRU's r ⊙ (W_hn h + b_hn) makes dgates_h differ from dgates_x
+
+
+# ----------------------------------------------------------------------------- matrix products
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(NamedTuple):
+    """a ↦ add + a Wᵀ for one weight W (N, K) of a layer's loops, a (M, K).
+
+    ``packed`` is oneDNN's blocked copy of W for M-row inputs, made once per layer call for
+    float32 CPU layers in eager mode: oneDNN's matmul with packed weights beats the BLAS
+    addmm on small-M products (~25% at (32, 512) x (512, 2048) on this project's AVX-512
+    CPU), and the T products of a time loop share one packing. Elsewhere it is None (addmm).
+    """
+    weight: Tensor          # W (N, K)
+    packed: Tensor | None
+
+    @staticmethod
+    def of(weight: Tensor, rows: int) -> Linear:
+        if (_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            return Linear(weight, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+        return Linear(weight, None)
+
+    def __call__(self, a: Tensor, add: Tensor | None = None) -> Tensor:
+        """add + a Wᵀ; add (N,) (a bias) or (M, N) or None."""
+        if self.packed is None:
+            return a @ self.weight.t() if add is None else torch.addmm(add, a, self.weight.t())
+        linear = torch.ops.mkldnn._linear_pointwise
+        if add is None or add.dim() == 1:
+            return linear(a, self.packed, add, "none", [], "")
+        return linear.binary(a, add.contiguous(), self.packed, None, "add")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -207,7 +240,7 @@ def check_sequence_upstream(cache: RecurrentCache, dout: Tensor | None,
         raise TypeError(f"cache: expected the RecurrentCache returned by the forward, "
                         f"got {type(cache).__name__}")
     L, D, _, H, _ = cache.layout
-    B, T, _ = cache.inputs[0].shape
+    T, B, _ = cache.inputs[0].shape
     dtype = cache.out_dtype
     check_upstream("dout", dout, (B, T, D * H), dtype)
     for name, ds in dstates_n.items():
@@ -215,17 +248,19 @@ def check_sequence_upstream(cache: RecurrentCache, dout: Tensor | None,
 
 
 # ----------------------------------------------------------------------------- sequence
+# Inside the loops tensors are time-major, (T, B, ·): xw[t], dgates[t] and the stacked states
+# are contiguous, and x, h_{t-1} and dgates flatten to (T*B, ·) for the weight gradients.
 
 class DirectionCache(NamedTuple):
     steps: list          # steps[t]: the cell's step cache at time t
-    h_prev: Tensor       # (B, T, H) h_{t-1}, the state entering step t, for dW_hh
+    h_prev: Tensor       # (T, B, H) h_{t-1}, the state entering step t, for dW_hh
 
 
 class RecurrentCache(NamedTuple):
     cell: Cell
     params: Mapping[str, Tensor]
     layout: Layout
-    inputs: list[Tensor]            # inputs[k]: x^k (B, T, I_k), layer k's input after dropout
+    inputs: list[Tensor]            # inputs[k]: x^k (T, B, I_k), layer k's input after dropout
     directions: list[DirectionCache]  # index k*D + d
     valid: Tensor | None            # (T, B) t < lengths[b]
     dropout_masks: list[Tensor] | None
@@ -243,7 +278,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args: RecurrentArgs
                       ) -> tuple[tuple[Tensor, tuple[Tensor, ...]], RecurrentCache]:
     """out (B, T, D*H) and the final states, each (L*D, B, H), over all layers and directions."""
-    L, D, _, _, bias = args.layout
+    L, D, _, H, bias = args.layout
+    B, T, _ = x.shape
     scale = 0.0 if args.dropout == 1 else 1.0 / (1.0 - args.dropout)
     out_dtype, compute = x.dtype, compute_dtype(x.dtype)
     if compute != out_dtype:
@@ -252,55 +288,53 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
         args = args._replace(states0=tuple(s0.to(compute) for s0 in args.states0))
     inputs, directions = [], []
     finals = [[] for _ in range(cell.num_states)]
-    layer_input = x
+    layer_input = x.transpose(0, 1).contiguous()  # (T, B, I)
     for k in range(L):
         hs = []
         for d in range(D):
             s = SUFFIXES[d]
             b_ih, b_hh = (params[f"bias_ih_l{k}{s}"], params[f"bias_hh_l{k}{s}"]) if bias \
                 else (None, None)
-            xw = F.linear(layer_input, params[f"weight_ih_l{k}{s}"], b_ih)  # one (B*T, I) matmul
+            w_ih = Linear.of(params[f"weight_ih_l{k}{s}"], T * B)
+            xw = w_ih(layer_input.view(T * B, -1), b_ih).view(T, B, -1)  # one matmul for all t
             state0 = tuple(s0[k * D + d] for s0 in args.states0)
-            state, h, cache = _direction_forward(cell, xw, state0, params[f"weight_hh_l{k}{s}"],
-                                                 b_hh, args.valid, reverse=d == 1)
+            w_hh = Linear.of(params[f"weight_hh_l{k}{s}"], B)
+            state, h, cache = _direction_forward(cell, xw, state0, w_hh, b_hh, args.valid,
+                                                 reverse=d == 1)
             hs.append(h)
             directions.append(cache)
             for final, s_n in zip(finals, state):
                 final.append(s_n)
-        out = hs[0] if D == 1 else torch.cat(hs, dim=-1)
+        out = hs[0] if D == 1 else torch.cat(hs, dim=-1)  # (T, B, D*H)
         if args.valid is not None:
-            out = out * _out_mask(args.valid)  # out_t = 0 at padding, where h_t is carried
+            out = out * args.valid.unsqueeze(-1)  # out_t = 0 at padding, where h_t is carried
         inputs.append(layer_input)
         layer_input = out
         if k < L - 1 and args.dropout_masks is not None:
-            layer_input = out * args.dropout_masks[k] * scale
+            layer_input = out * args.dropout_masks[k].transpose(0, 1) * scale
     states_n = tuple(torch.stack(final).to(out_dtype) for final in finals)
     cache = RecurrentCache(cell, params, args.layout, inputs, directions, args.valid,
                            args.dropout_masks, scale, out_dtype)
-    return (out.to(out_dtype), states_n), cache
+    return (out.transpose(0, 1).to(out_dtype, memory_format=torch.contiguous_format),
+            states_n), cache
 
 
-def _out_mask(valid: Tensor) -> Tensor:
-    """(B, T, 1) bool t < lengths[b] from valid (T, B)."""
-    return valid.t().unsqueeze(-1)
-
-
-def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Tensor,
+def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Linear,
                        b_hh: Tensor | None, valid: Tensor | None, reverse: bool
                        ) -> tuple[tuple[Tensor, ...], Tensor, DirectionCache]:
-    """One direction of one layer over time: (final state, h (B, T, H), cache).
+    """One direction of one layer over time: (final state, h (T, B, H), cache).
 
     Per-step tensors are collected in lists and stacked once after the loop (one copy
     kernel instead of T).
     """
-    T = xw.shape[1]
+    T = xw.shape[0]
     hs, h_prevs, steps = [None] * T, [None] * T, [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         h_prevs[t] = state[0]
-        state, steps[t] = cell.step(xw[:, t], state, w_hh, b_hh,
+        state, steps[t] = cell.step(xw[t], state, w_hh, b_hh,
                                     None if valid is None else valid[t])
         hs[t] = state[0]
-    return state, torch.stack(hs, dim=1), DirectionCache(steps, torch.stack(h_prevs, dim=1))
+    return state, torch.stack(hs), DirectionCache(steps, torch.stack(h_prevs))
 
 
 @torch.no_grad()
@@ -314,16 +348,16 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
     cell, params = cache.cell, cache.params
     L, D, _, H, bias = cache.layout
     x = cache.inputs[0]
-    B, T, _ = x.shape
+    T, B, _ = x.shape
     if x.dtype != cache.out_dtype:
         dout = None if dout is None else dout.to(x.dtype)
         dstates_n = [None if ds is None else ds.to(x.dtype) for ds in dstates_n]
     dparams = {}
     dstates0 = [x.new_zeros(L * D, B, H) for _ in range(cell.num_states)]
-    dlayer_out = dout
+    dlayer_out = None if dout is None else dout.transpose(0, 1)  # (T, B, D*H)
     dx = None
     for k in range(L - 1, -1, -1):
-        layer_input = cache.inputs[k]
+        layer_input = cache.inputs[k].view(T * B, -1)
         dx = None
         for d in range(D):
             s = SUFFIXES[d]
@@ -332,42 +366,43 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
             dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
             dout_d = None if dlayer_out is None else dlayer_out[..., d * H:(d + 1) * H]
             dgates_x, dgates_h, dstate0 = _direction_backward(
-                cell, dout_d, dstate, cache.directions[i], w_hh, cache.valid, d == 1)
+                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t().contiguous(), B),
+                cache.valid, d == 1)
             for ds0, ds in zip(dstates0, dstate0):
                 ds0[i] = ds
-            GH = dgates_x.shape[-1]
-            # Weight gradients wait until after the time loop: one (G*H, B*T) @ (B*T, ·) matmul.
-            dparams[f"weight_ih_l{k}{s}"] = dgates_x.reshape(-1, GH).t() @ \
-                layer_input.reshape(B * T, -1)
-            dparams[f"weight_hh_l{k}{s}"] = dgates_h.reshape(-1, GH).t() @ \
-                cache.directions[i].h_prev.reshape(B * T, H)
+            dgates_x, dgates_h = dgates_x.view(T * B, -1), dgates_h.view(T * B, -1)
+            # Weight gradients wait until after the time loop: one (G*H, T*B) @ (T*B, ·) matmul.
+            dparams[f"weight_ih_l{k}{s}"] = dgates_x.t() @ layer_input
+            dparams[f"weight_hh_l{k}{s}"] = dgates_h.t() @ cache.directions[i].h_prev.view(T * B, H)
             if bias:
-                dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum((0, 1))
-                dparams[f"bias_hh_l{k}{s}"] = dgates_h.sum((0, 1))
+                dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum(0)
+                dparams[f"bias_hh_l{k}{s}"] = dgates_h.sum(0)
             if k > 0 or need_dx:
-                dx_d = dgates_x @ w_ih
+                dx_d = Linear.of(w_ih.t().contiguous(), T * B)(dgates_x).view(T, B, -1)
                 dx = dx_d if dx is None else dx + dx_d
         dlayer_out = dx
         if k > 0 and cache.dropout_masks is not None:
-            dlayer_out = dx * cache.dropout_masks[k - 1] * cache.dropout_scale
+            dlayer_out = dx * cache.dropout_masks[k - 1].transpose(0, 1) * cache.dropout_scale
     to_out = cache.out_dtype
     dparams = {key: dparams[key].to(to_out) for key in params}
-    return (None if dx is None else dx.to(to_out)), dparams, tuple(d.to(to_out) for d in dstates0)
+    if dx is not None:
+        dx = dx.transpose(0, 1).to(to_out, memory_format=torch.contiguous_format)
+    return dx, dparams, tuple(d.to(to_out) for d in dstates0)
 
 
 def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, ...],
-                        cache: DirectionCache, w_hh: Tensor, valid: Tensor | None, reverse: bool
-                        ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(dgates_x, dgates_h) each (B, T, G*H), and the gradient of the initial state."""
-    T = cache.h_prev.shape[1]
+                        cache: DirectionCache, w_hh_t: Linear, valid: Tensor | None,
+                        reverse: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(dgates_x, dgates_h) each (T, B, G*H), and the gradient of the initial state."""
+    T = cache.h_prev.shape[0]
     if dout is not None and valid is not None:
-        dout = torch.where(_out_mask(valid), dout, 0.0)  # out_t = h_t ⊙ [t < lengths[b]]
+        dout = torch.where(valid.unsqueeze(-1), dout, 0.0)  # out_t = h_t ⊙ [t < lengths[b]]
     dgates_x, dgates_h = [None] * T, [None] * T
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
-        dstate_new = dstate if dout is None else (dstate[0] + dout[:, t],) + dstate[1:]
-        dgates_x[t], dgates_h[t], dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh)
-    dgates_x_seq = torch.stack(dgates_x, dim=1)
-    dgates_h_seq = torch.stack(dgates_h, dim=1) if cell.separate_dgates_h else dgates_x_seq
+        dstate_new = dstate if dout is None else (dstate[0] + dout[t],) + dstate[1:]
+        dgates_x[t], dgates_h[t], dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh_t)
+    dgates_x_seq = torch.stack(dgates_x)
+    dgates_h_seq = torch.stack(dgates_h) if cell.separate_dgates_h else dgates_x_seq
     return dgates_x_seq, dgates_h_seq, dstate
 
 
@@ -418,7 +453,7 @@ def cell_forward(cell: Cell, x: Tensor, state: tuple[Tensor, ...], params: Mappi
                  bias: bool) -> tuple[tuple[Tensor, ...], CellCache]:
     """One step: xw = W_ih x + b_ih, then the cell's step from ``state``."""
     xw = F.linear(x, params["weight_ih"], params["bias_ih"] if bias else None)
-    state_new, step = cell.step(xw, state, params["weight_hh"],
+    state_new, step = cell.step(xw, state, Linear(params["weight_hh"], None),
                                 params["bias_hh"] if bias else None, None)
     return state_new, CellCache(cell, x, state[0], step, params["weight_ih"], params["weight_hh"],
                                 bias)
@@ -429,7 +464,8 @@ def cell_backward(dstate_new: Sequence[Tensor | None], cache: CellCache
                   ) -> tuple[Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
     """(dx, dstate, dparams) of one step; None upstream gradients are zeros."""
     dstate_new = tuple(torch.zeros_like(cache.h_prev) if ds is None else ds for ds in dstate_new)
-    dgates_x, dgates_h, dstate = cache.cell.step_backward(dstate_new, cache.step, cache.weight_hh)
+    dgates_x, dgates_h, dstate = cache.cell.step_backward(dstate_new, cache.step,
+                                                          Linear(cache.weight_hh.t(), None))
     dparams = {"weight_ih": dgates_x.t() @ cache.x, "weight_hh": dgates_h.t() @ cache.h_prev}
     if cache.bias:
         dparams.update(bias_ih=dgates_x.sum(0), bias_hh=dgates_h.sum(0))

@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from .recurrent import (
     Cell,
     CellCache,
+    Linear,
     RecurrentCache,
     RecurrentModule,
     cell_backward,
@@ -40,27 +41,27 @@ class RNNStepCache(NamedTuple):
     active: Tensor | None    # (B,) bool, t < lengths[b]; None: every row
 
 
-def _rnn_step(xw: Tensor, state: tuple[Tensor], w_hh: Tensor, b_hh: Tensor | None,
+def _rnn_step(xw: Tensor, state: tuple[Tensor], w_hh: Linear, b_hh: Tensor | None,
               active: Tensor | None, nonlinearity: str) -> tuple[tuple[Tensor], RNNStepCache]:
     """h_t = act(xw_t + W_hh h_{t-1} + b_hh), xw_t = W_ih x_t + b_ih already computed."""
     (h_prev,) = state
-    a = xw + (h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t()))
+    a = w_hh(h_prev, xw) if b_hh is None else w_hh(h_prev, xw) + b_hh
     h = torch.tanh(a) if nonlinearity == "tanh" else torch.relu(a)
     if active is not None:  # inactive rows carry their state
         h = torch.where(active.unsqueeze(1), h, h_prev)
     return (h,), RNNStepCache(h, active)
 
 
-def _rnn_step_backward(dstate: tuple[Tensor], cache: RNNStepCache, w_hh: Tensor,
+def _rnn_step_backward(dstate: tuple[Tensor], cache: RNNStepCache, w_hh_t: Linear,
                        nonlinearity: str) -> tuple[Tensor, Tensor, tuple[Tensor]]:
     (dh,) = dstate
     h = cache.h
     da = dh * (1.0 - h * h) if nonlinearity == "tanh" else dh * (h > 0)  # act'(a)
     if cache.active is None:
-        return da, da, (da @ w_hh,)  # dh_{t-1} = da W_hh
+        return da, da, (w_hh_t(da),)  # dh_{t-1} = da W_hh
     active = cache.active.unsqueeze(1)  # inactive rows: no gradient into the step, dh carried
     da = torch.where(active, da, 0.0)
-    return da, da, (torch.where(active, da @ w_hh, dh),)
+    return da, da, (torch.where(active, w_hh_t(da), dh),)
 
 
 RNN_CELLS = {act: Cell(num_gates=1, num_states=1, step=partial(_rnn_step, nonlinearity=act),

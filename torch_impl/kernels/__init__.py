@@ -80,6 +80,16 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+def use_op(x: torch.Tensor) -> bool:
+    """Whether a layer's time loop calls a step op through ``torch.ops`` (under torch.compile,
+    where the op is what the graph holds, and on the Triton path), rather than calling the op's
+    torch path directly: in eager mode the dispatcher's per-call cost, paid T times per layer,
+    buys nothing when the op would run that same torch code (in x's dtype: float32 or
+    float64; the op computes bf16/fp16 in float32)."""
+    return (torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.float64)
+            or use_triton(x))
+
+
 def jit(fn):
     """``triton.jit`` when triton is installed; otherwise the plain function (never launched)."""
     return fn if triton is None else triton.jit(fn)

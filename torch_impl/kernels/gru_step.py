@@ -147,38 +147,40 @@ def _gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active:
     return dxw, dhh, dh_prev
 
 
-def _gru_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
-                            ) -> tuple[Tensor, Tensor]:
-    acc = _compute_dtype(xw.dtype)
-    xw_r, xw_z, xw_n = xw.to(acc).chunk(3, dim=1)
-    hh_r, hh_z, hh_n = hh.to(acc).chunk(3, dim=1)
-    r = torch.sigmoid(xw_r + hh_r)
-    z = torch.sigmoid(xw_z + hh_z)
-    n = torch.tanh(xw_n + r * hh_n)
-    h = (1.0 - z) * n + z * h_prev
+def gru_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
+                           ) -> tuple[Tensor, Tensor]:
+    """The torch path, in the inputs' dtype (the layer's eager loop calls it directly, without
+    the op's dispatch): each gate is written into its slice of saved, never concatenated."""
+    B, H = h_prev.shape
+    saved = xw.new_empty(B, 4 * H)                           # [r z n hh_n]
+    r, z, n, hh_n = saved.chunk(4, dim=1)
+    torch.add(xw[:, :2 * H], hh[:, :2 * H], out=saved[:, :2 * H]).sigmoid_()  # r, z
+    hh_n.copy_(hh[:, 2 * H:])
+    torch.addcmul(xw[:, 2 * H:], r, hh_n, out=n).tanh_()    # n = tanh(xw_n + r ⊙ hh_n)
+    h = torch.lerp(n, h_prev, z)                             # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
     if active is not None:
         h = torch.where(active.unsqueeze(1), h, h_prev)
-    return h.to(h_prev.dtype), torch.cat([r, z, n, hh_n], dim=1).to(xw.dtype)
+    return h, saved
 
 
-def _gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
-                             ) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _compute_dtype(saved.dtype)
-    r, z, n, hh_n = saved.to(acc).chunk(4, dim=1)
-    dh_next = dh.to(acc)
-    dn = dh_next * (1.0 - z)                     # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
-    dz = dh_next * (h_prev - n)
-    dn_pre = dn * (1.0 - n * n)                  # n = tanh(xw_n + r ⊙ hh_n)
-    dr_pre = dn_pre * hh_n * r * (1.0 - r)
-    dz_pre = dz * z * (1.0 - z)
-    dxw = torch.cat([dr_pre, dz_pre, dn_pre], dim=1)
-    dhh = torch.cat([dr_pre, dz_pre, dn_pre * r], dim=1)
-    dh_prev = dh_next * z
+def gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch path: (dxw, dhh (B, 3H), dh_{t-1} not counting the path through hh)."""
+    B, H = h_prev.shape
+    r, z, n, hh_n = saved.chunk(4, dim=1)
+    dxw, dhh = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H)
+    dr_pre, dz_pre, dn_pre = dxw.chunk(3, dim=1)
+    torch.mul(dh * (1.0 - z), 1.0 - n * n, out=dn_pre)      # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1},
+    torch.mul(dn_pre * hh_n, r * (1.0 - r), out=dr_pre)     # n = tanh(xw_n + r ⊙ hh_n)
+    torch.mul(dh * (h_prev - n), z * (1.0 - z), out=dz_pre)
+    dhh[:, :2 * H].copy_(dxw[:, :2 * H])
+    torch.mul(dn_pre, r, out=dhh[:, 2 * H:])
+    dh_prev = dh * z
     if active is not None:
         m = active.unsqueeze(1)
         dxw, dhh = torch.where(m, dxw, 0.0), torch.where(m, dhh, 0.0)
-        dh_prev = torch.where(m, dh_prev, dh_next)
-    return dxw.to(saved.dtype), dhh.to(saved.dtype), dh_prev.to(dh.dtype)
+        dh_prev = torch.where(m, dh_prev, dh)
+    return dxw, dhh, dh_prev
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -191,7 +193,9 @@ def gru_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
     xw, hh, h_prev = xw.contiguous(), hh.contiguous(), h_prev.contiguous()
     if use_triton(xw):
         return _gru_step_forward_triton(xw, hh, h_prev, active)
-    return _gru_step_forward_torch(xw, hh, h_prev, active)
+    acc = _compute_dtype(xw.dtype)
+    h, saved = gru_step_forward_torch(xw.to(acc), hh.to(acc), h_prev.to(acc), active)
+    return h.to(h_prev.dtype), saved.to(xw.dtype)
 
 
 @gru_step_op.register_fake
@@ -206,7 +210,10 @@ def gru_step_backward_op(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tens
     dh, saved, h_prev = dh.contiguous(), saved.contiguous(), h_prev.contiguous()
     if use_triton(saved):
         return _gru_step_backward_triton(dh, saved, h_prev, active)
-    return _gru_step_backward_torch(dh, saved, h_prev, active)
+    acc = _compute_dtype(saved.dtype)
+    dxw, dhh, dh_prev = gru_step_backward_torch(dh.to(acc), saved.to(acc), h_prev.to(acc),
+                                                active)
+    return dxw.to(saved.dtype), dhh.to(saved.dtype), dh_prev.to(dh.dtype)
 
 
 @gru_step_backward_op.register_fake

@@ -161,37 +161,43 @@ def _lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Te
     return dgates, dh_prev, dc_prev
 
 
-def _lstm_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor,
-                             active: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _compute_dtype(xw.dtype)
-    a_i, a_f, a_g, a_o = (xw.to(acc) + hh.to(acc)).chunk(4, dim=1)
-    i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
-    c = f * c_prev + i * g
-    h = o * torch.tanh(c)
+def lstm_step_forward_torch(a: Tensor, h_prev: Tensor, c_prev: Tensor, active: Tensor | None
+                            ) -> tuple[Tensor, Tensor]:
+    """The torch path: (h_t, c_t) from the pre-activations a = xw + hh (B, 4H), which become
+    the gates [i f g o] in place (a layer computes a with one addmm into a fresh tensor; the
+    layer's eager loop calls this directly, without the op's dispatch)."""
+    H = c_prev.shape[1]
+    i, f, g, o = a.chunk(4, dim=1)
+    a[:, :2 * H].sigmoid_()                                  # i, f (adjacent: one kernel)
+    g.tanh_()
+    o.sigmoid_()
+    c = torch.addcmul(f * c_prev, i, g)                      # c_t = f ⊙ c_{t-1} + i ⊙ g
+    h = torch.tanh(c).mul_(o)                                # h_t = o ⊙ tanh(c_t)
     if active is not None:
         m = active.unsqueeze(1)
         h, c = torch.where(m, h, h_prev), torch.where(m, c, c_prev)
-    return h.to(h_prev.dtype), c.to(c_prev.dtype), torch.cat([i, f, g, o], dim=1).to(xw.dtype)
+    return h, c
 
 
-def _lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
-                              active: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _compute_dtype(gates.dtype)
-    i, f, g, o = gates.to(acc).chunk(4, dim=1)
-    dh_next, dc_next = dh.to(acc), dc.to(acc)
-    tanh_c = torch.tanh(c.to(acc))
-    do = dh_next * tanh_c                                    # h_t = o ⊙ tanh(c_t)
-    dc_total = dc_next + dh_next * o * (1.0 - tanh_c * tanh_c)
-    di, df, dg = dc_total * g, dc_total * c_prev, dc_total * i  # c_t = f ⊙ c_{t-1} + i ⊙ g
-    dgates = torch.cat([di * i * (1.0 - i), df * f * (1.0 - f), dg * (1.0 - g * g),
-                        do * o * (1.0 - o)], dim=1)
+def lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
+                             active: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The torch path: (dgates (B, 4H), dh_{t-1} through the carried state (None when no row
+    is masked: it is zero), dc_{t-1}); dgates is written gate by gate, never concatenated."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    dgates = torch.empty_like(gates)
+    da_i, da_f, da_g, da_o = dgates.chunk(4, dim=1)
+    tanh_c = torch.tanh(c)
+    do = dh * tanh_c                                         # h_t = o ⊙ tanh(c_t)
+    dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    torch.mul(dc_total * g, i * (1.0 - i), out=da_i)         # c_t = f ⊙ c_{t-1} + i ⊙ g,
+    torch.mul(dc_total * c_prev, f * (1.0 - f), out=da_f)    # then σ' and tanh' of the gates
+    torch.mul(dc_total * i, 1.0 - g * g, out=da_g)
+    torch.mul(do, o * (1.0 - o), out=da_o)
     dc_prev = dc_total * f
-    dh_prev = torch.zeros_like(dh_next)
-    if active is not None:
-        m = active.unsqueeze(1)
-        dgates = torch.where(m, dgates, 0.0)
-        dc_prev, dh_prev = torch.where(m, dc_prev, dc_next), torch.where(m, dh_prev, dh_next)
-    return dgates.to(gates.dtype), dh_prev.to(c.dtype), dc_prev.to(c.dtype)
+    if active is None:
+        return dgates, None, dc_prev
+    m = active.unsqueeze(1)
+    return torch.where(m, dgates, 0.0), torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -204,7 +210,10 @@ def lstm_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor, active:
     xw, hh, h_prev, c_prev = (t.contiguous() for t in (xw, hh, h_prev, c_prev))
     if use_triton(xw):
         return _lstm_step_forward_triton(xw, hh, h_prev, c_prev, active)
-    return _lstm_step_forward_torch(xw, hh, h_prev, c_prev, active)
+    acc = _compute_dtype(xw.dtype)
+    gates = xw.to(acc) + hh.to(acc)
+    h, c = lstm_step_forward_torch(gates, h_prev.to(acc), c_prev.to(acc), active)
+    return h.to(h_prev.dtype), c.to(c_prev.dtype), gates.to(xw.dtype)
 
 
 @lstm_step_op.register_fake
@@ -219,7 +228,12 @@ def lstm_step_backward_op(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor,
     dh, dc, gates, c_prev, c = (t.contiguous() for t in (dh, dc, gates, c_prev, c))
     if use_triton(gates):
         return _lstm_step_backward_triton(dh, dc, gates, c_prev, c, active)
-    return _lstm_step_backward_torch(dh, dc, gates, c_prev, c, active)
+    acc = _compute_dtype(gates.dtype)
+    dgates, dh_prev, dc_prev = lstm_step_backward_torch(*(t.to(acc) for t in (dh, dc, gates,
+                                                                                c_prev, c)),
+                                                        active)
+    dh_prev = torch.zeros_like(dh) if dh_prev is None else dh_prev.to(dh.dtype)
+    return dgates.to(gates.dtype), dh_prev, dc_prev.to(c.dtype)
 
 
 @lstm_step_backward_op.register_fake
