@@ -74,16 +74,19 @@ def _layer_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr
     for i in range(0, ROWS_PER_PROGRAM):
         row = program * ROWS_PER_PROGRAM + i
         is_row = row < n_rows
+        # cols < (D on a real row, else 0): a block mask built without `block & scalar`,
+        # which triton 3.9's interpreter turns into a mask dtype it rejects
+        live = cols < tl.where(is_row, D, 0)
         offsets = row.to(tl.int64) * D + cols
-        x = tl.load(x_ptr + offsets, mask=in_row & is_row, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + offsets, mask=in_row & is_row, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offsets, mask=live, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=live, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + row, mask=is_row, other=0.0)
         x_hat = tl.where(in_row, (x - tl.load(mean_ptr + row, mask=is_row, other=0.0)) * rstd,
                          0.0)
         dx_hat = dy * w                                           # y = x̂ ⊙ w + b
         dx = rstd * (dx_hat - tl.sum(dx_hat, axis=0) / D
                      - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / D))
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=in_row & is_row)
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=live)
         dw += dy * x_hat
         db += dy
     tl.store(dw_part_ptr + program * D + cols, dw, mask=in_row)
