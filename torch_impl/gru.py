@@ -58,20 +58,30 @@ class GRUStepCache(NamedTuple):
 
 
 def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Linear, b_hh: Tensor | None,
-              active: Tensor | None) -> tuple[tuple[Tensor], GRUStepCache]:
-    """h_t from xw_t = W_ih x_t + b_ih (B, 3H) and h_{t-1}."""
+              active: Tensor | None, h_out: Tensor | None = None
+              ) -> tuple[tuple[Tensor], GRUStepCache]:
+    """h_t from xw_t = W_ih x_t + b_ih (B, 3H) and h_{t-1}; written into h_out when given."""
     (h_prev,) = state
     hh = w_hh(h_prev, b_hh)
-    step = gru_step_op if use_op(h_prev) else gru_step_forward_torch  # the op, or its torch path
-    h, saved = step(xw, hh, h_prev, active)
+    if use_op(h_prev):
+        h, saved = gru_step_op(xw, hh, h_prev, active)
+        h = h if h_out is None else h_out.copy_(h)
+    else:  # the op's torch path
+        h, saved = gru_step_forward_torch(xw, hh, h_prev, active, h_out)
     return (h,), GRUStepCache(saved, h_prev, active)
 
 
-def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh_t: Linear
+def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh_t: Linear,
+                       dgates_x_out: Tensor | None = None, dgates_h_out: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, tuple[Tensor]]:
     (dh,) = dstate
-    step_backward = gru_step_backward_op if use_op(dh) else gru_step_backward_torch
-    dgates_x, dgates_h, dh_carried = step_backward(dh, *cache)
+    if use_op(dh):
+        dgates_x, dgates_h, dh_carried = gru_step_backward_op(dh, *cache)
+        if dgates_x_out is not None:
+            dgates_x, dgates_h = dgates_x_out.copy_(dgates_x), dgates_h_out.copy_(dgates_h)
+    else:
+        dgates_x, dgates_h, dh_carried = gru_step_backward_torch(dh, *cache, dgates_x_out,
+                                                                 dgates_h_out)
     return dgates_x, dgates_h, (w_hh_t(dgates_h, dh_carried),)
 
 

@@ -59,24 +59,31 @@ class LSTMStepCache(NamedTuple):
 
 
 def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Linear, b_hh: Tensor | None,
-               active: Tensor | None) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
-    """(h_t, c_t) from xw_t = W_ih x_t + b_ih (B, 4H) and (h_{t-1}, c_{t-1})."""
+               active: Tensor | None, h_out: Tensor | None = None
+               ) -> tuple[tuple[Tensor, Tensor], LSTMStepCache]:
+    """(h_t, c_t) from xw_t = W_ih x_t + b_ih (B, 4H) and (h_{t-1}, c_{t-1}); h_t is written
+    into h_out when given."""
     h_prev, c_prev = state
     if use_op(h_prev):
         h, c, gates = lstm_step_op(xw, w_hh(h_prev, b_hh), h_prev, c_prev, active)
+        h = h if h_out is None else h_out.copy_(h)
     else:  # the op's torch path, with xw + W_hh h_{t-1} summed by the matmul itself
         gates = w_hh(h_prev, xw)
         if b_hh is not None:
             gates += b_hh
-        h, c = lstm_step_forward_torch(gates, h_prev, c_prev, active)
+        h, c = lstm_step_forward_torch(gates, h_prev, c_prev, active, h_out)
     return (h, c), LSTMStepCache(gates, c_prev, c, active)
 
 
-def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh_t: Linear
+def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_hh_t: Linear,
+                        dgates_out: Tensor | None = None, _: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     dh, dc = dstate
-    step_backward = lstm_step_backward_op if use_op(dh) else lstm_step_backward_torch
-    dgates, dh_carried, dc_prev = step_backward(dh, dc, *cache)
+    if use_op(dh):
+        dgates, dh_carried, dc_prev = lstm_step_backward_op(dh, dc, *cache)
+        dgates = dgates if dgates_out is None else dgates_out.copy_(dgates)
+    else:
+        dgates, dh_carried, dc_prev = lstm_step_backward_torch(dh, dc, *cache, dgates_out)
     # h_{t-1} enters the gates through W_hh h_{t-1}; at inactive rows, through the carried state
     return dgates, dgates, (w_hh_t(dgates, dh_carried), dc_prev)
 

@@ -57,11 +57,14 @@ class Cell(NamedTuple):
     """One recurrent cell step, written once per cell type and driven by this file."""
     num_gates: int           # G: W_ih is (G*H, I)
     num_states: int          # 1 for (h,), 2 for (h, c)
-    # (xw, state, w_hh, b_hh, active) -> (state_new, step_cache); w_hh: Linear of W_hh;
-    # active (B,) bool or None: inactive rows (padding) carry their state
+    # (xw, state, w_hh, b_hh, active, h_out) -> (state_new, step_cache); w_hh: Linear of W_hh;
+    # active (B,) bool or None: inactive rows (padding) carry their state; h_t is written into
+    # h_out (B, H) when it is not None
     step: Callable
-    # (dstate_new, step_cache, w_hh_t) -> (dgates_x, dgates_h, dstate); w_hh_t: Linear of
-    # W_hhᵀ; inactive rows get dgates 0 and pass dstate_new through
+    # (dstate_new, step_cache, w_hh_t, dgates_x_out, dgates_h_out) -> (dgates_x, dgates_h,
+    # dstate); w_hh_t: Linear of W_hhᵀ; inactive rows get dgates 0 and pass dstate_new
+    # through; dgates are written into the outs (B, G*H) when they are not None (dgates_h_out
+    # only where separate_dgates_h)
     step_backward: Callable
     separate_dgates_h: bool  # GRU's r ⊙ (W_hn h + b_hn) makes dgates_h differ from dgates_x
 
@@ -324,17 +327,21 @@ def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: 
                        ) -> tuple[tuple[Tensor, ...], Tensor, DirectionCache]:
     """One direction of one layer over time: (final state, h (T, B, H), cache).
 
-    Per-step tensors are collected in lists and stacked once after the loop (one copy
-    kernel instead of T).
+    The steps write h into one (T+1, B, H) buffer in the order they run, h0 first, so that
+    h (T, B, H) and h_prev (T, B, H) are two overlapping views of it, never stacked.
     """
     T = xw.shape[0]
-    hs, h_prevs, steps = [None] * T, [None] * T, [None] * T
+    hs = xw.new_empty(T + 1, *state[0].shape)
+    steps = [None] * T
+    # forward: hs[t] = h_{t-1}, hs[t+1] = h_t; reverse: hs[t+1] = h_{t+1}, hs[t] = h_t
+    h_new = 0 if reverse else 1
+    hs[T if reverse else 0] = state[0]
+    state = (hs[T if reverse else 0],) + state[1:]
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        h_prevs[t] = state[0]
         state, steps[t] = cell.step(xw[t], state, w_hh, b_hh,
-                                    None if valid is None else valid[t])
-        hs[t] = state[0]
-    return state, torch.stack(hs), DirectionCache(steps, torch.stack(h_prevs))
+                                    None if valid is None else valid[t], hs[t + h_new])
+    h, h_prev = (hs[:T], hs[1:]) if reverse else (hs[1:], hs[:T])
+    return state, h, DirectionCache(steps, h_prev)
 
 
 @torch.no_grad()
@@ -394,16 +401,17 @@ def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, .
                         cache: DirectionCache, w_hh_t: Linear, valid: Tensor | None,
                         reverse: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(dgates_x, dgates_h) each (T, B, G*H), and the gradient of the initial state."""
-    T = cache.h_prev.shape[0]
+    T, B, H = cache.h_prev.shape
     if dout is not None and valid is not None:
         dout = torch.where(valid.unsqueeze(-1), dout, 0.0)  # out_t = h_t ⊙ [t < lengths[b]]
-    dgates_x, dgates_h = [None] * T, [None] * T
+    # the steps write their dgates into rows of (T, B, G*H) buffers: no stacking after the loop
+    dgates_x = dstate[0].new_empty(T, B, cell.num_gates * H)
+    dgates_h = torch.empty_like(dgates_x) if cell.separate_dgates_h else dgates_x
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         dstate_new = dstate if dout is None else (dstate[0] + dout[t],) + dstate[1:]
-        dgates_x[t], dgates_h[t], dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh_t)
-    dgates_x_seq = torch.stack(dgates_x)
-    dgates_h_seq = torch.stack(dgates_h) if cell.separate_dgates_h else dgates_x_seq
-    return dgates_x_seq, dgates_h_seq, dstate
+        _, _, dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh_t, dgates_x[t],
+                                          dgates_h[t] if cell.separate_dgates_h else None)
+    return dgates_x, dgates_h, dstate
 
 
 # ----------------------------------------------------------------------------- cell step

@@ -42,25 +42,34 @@ class RNNStepCache(NamedTuple):
 
 
 def _rnn_step(xw: Tensor, state: tuple[Tensor], w_hh: Linear, b_hh: Tensor | None,
-              active: Tensor | None, nonlinearity: str) -> tuple[tuple[Tensor], RNNStepCache]:
-    """h_t = act(xw_t + W_hh h_{t-1} + b_hh), xw_t = W_ih x_t + b_ih already computed."""
+              active: Tensor | None, h_out: Tensor | None = None, *, nonlinearity: str
+              ) -> tuple[tuple[Tensor], RNNStepCache]:
+    """h_t = act(xw_t + W_hh h_{t-1} + b_hh), xw_t = W_ih x_t + b_ih already computed;
+    written into h_out when given."""
     (h_prev,) = state
     a = w_hh(h_prev, xw) if b_hh is None else w_hh(h_prev, xw) + b_hh
-    h = torch.tanh(a) if nonlinearity == "tanh" else torch.relu(a)
-    if active is not None:  # inactive rows carry their state
-        h = torch.where(active.unsqueeze(1), h, h_prev)
+    if active is None:
+        h = torch.tanh(a, out=h_out) if nonlinearity == "tanh" else torch.clamp_min(a, 0.0,
+                                                                                   out=h_out)
+    else:  # inactive rows carry their state
+        h = torch.where(active.unsqueeze(1), torch.tanh(a) if nonlinearity == "tanh"
+                        else torch.relu(a), h_prev, out=h_out)
     return (h,), RNNStepCache(h, active)
 
 
 def _rnn_step_backward(dstate: tuple[Tensor], cache: RNNStepCache, w_hh_t: Linear,
+                       da_out: Tensor | None = None, _: Tensor | None = None, *,
                        nonlinearity: str) -> tuple[Tensor, Tensor, tuple[Tensor]]:
     (dh,) = dstate
     h = cache.h
-    da = dh * (1.0 - h * h) if nonlinearity == "tanh" else dh * (h > 0)  # act'(a)
+    if nonlinearity == "tanh":  # act'(a)
+        da = torch.mul(dh, 1.0 - h * h, out=da_out)
+    else:
+        da = torch.mul(dh, h > 0, out=da_out)
     if cache.active is None:
         return da, da, (w_hh_t(da),)  # dh_{t-1} = da W_hh
     active = cache.active.unsqueeze(1)  # inactive rows: no gradient into the step, dh carried
-    da = torch.where(active, da, 0.0)
+    da = da.masked_fill_(~active, 0.0)
     return da, da, (torch.where(active, w_hh_t(da), dh),)
 
 

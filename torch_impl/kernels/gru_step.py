@@ -147,28 +147,31 @@ def _gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active:
     return dxw, dhh, dh_prev
 
 
-def gru_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
-                           ) -> tuple[Tensor, Tensor]:
+def gru_step_forward_torch(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None,
+                           h_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The torch path, in the inputs' dtype (the layer's eager loop calls it directly, without
-    the op's dispatch): each gate is written into its slice of saved, never concatenated."""
+    the op's dispatch, and has h_t written into ``h_out``, its row of the layer's (T+1, B, H)
+    buffer of states): each gate is written into its slice of saved, never concatenated."""
     B, H = h_prev.shape
     saved = xw.new_empty(B, 4 * H)                           # [r z n hh_n]
     r, z, n, hh_n = saved.chunk(4, dim=1)
     torch.add(xw[:, :2 * H], hh[:, :2 * H], out=saved[:, :2 * H]).sigmoid_()  # r, z
     hh_n.copy_(hh[:, 2 * H:])
     torch.addcmul(xw[:, 2 * H:], r, hh_n, out=n).tanh_()    # n = tanh(xw_n + r ⊙ hh_n)
-    h = torch.lerp(n, h_prev, z)                             # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
-    if active is not None:
-        h = torch.where(active.unsqueeze(1), h, h_prev)
-    return h, saved
+    if active is None:                                       # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+        return torch.lerp(n, h_prev, z, out=h_out), saved
+    return torch.where(active.unsqueeze(1), torch.lerp(n, h_prev, z), h_prev, out=h_out), saved
 
 
-def gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
+def gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None,
+                            dxw: Tensor | None = None, dhh: Tensor | None = None
                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch path: (dxw, dhh (B, 3H), dh_{t-1} not counting the path through hh)."""
+    """The torch path: (dxw, dhh (B, 3H), dh_{t-1} not counting the path through hh), written
+    into ``dxw``, ``dhh`` when given (a layer's loop passes row t of its (T, B, 3H) buffers)."""
     B, H = h_prev.shape
     r, z, n, hh_n = saved.chunk(4, dim=1)
-    dxw, dhh = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H)
+    if dxw is None:
+        dxw, dhh = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H)
     dr_pre, dz_pre, dn_pre = dxw.chunk(3, dim=1)
     torch.mul(dh * (1.0 - z), 1.0 - n * n, out=dn_pre)      # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1},
     torch.mul(dn_pre * hh_n, r * (1.0 - r), out=dr_pre)     # n = tanh(xw_n + r ⊙ hh_n)
@@ -178,7 +181,7 @@ def gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: T
     dh_prev = dh * z
     if active is not None:
         m = active.unsqueeze(1)
-        dxw, dhh = torch.where(m, dxw, 0.0), torch.where(m, dhh, 0.0)
+        dxw, dhh = dxw.masked_fill_(~m, 0.0), dhh.masked_fill_(~m, 0.0)
         dh_prev = torch.where(m, dh_prev, dh)
     return dxw, dhh, dh_prev
 

@@ -161,30 +161,34 @@ def _lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Te
     return dgates, dh_prev, dc_prev
 
 
-def lstm_step_forward_torch(a: Tensor, h_prev: Tensor, c_prev: Tensor, active: Tensor | None
-                            ) -> tuple[Tensor, Tensor]:
+def lstm_step_forward_torch(a: Tensor, h_prev: Tensor, c_prev: Tensor, active: Tensor | None,
+                            h_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The torch path: (h_t, c_t) from the pre-activations a = xw + hh (B, 4H), which become
     the gates [i f g o] in place (a layer computes a with one addmm into a fresh tensor; the
-    layer's eager loop calls this directly, without the op's dispatch)."""
+    layer's eager loop calls this directly, without the op's dispatch, and has h_t written
+    into ``h_out``, its row of the layer's (T+1, B, H) buffer of states)."""
     H = c_prev.shape[1]
     i, f, g, o = a.chunk(4, dim=1)
     a[:, :2 * H].sigmoid_()                                  # i, f (adjacent: one kernel)
     g.tanh_()
     o.sigmoid_()
     c = torch.addcmul(f * c_prev, i, g)                      # c_t = f ⊙ c_{t-1} + i ⊙ g
-    h = torch.tanh(c).mul_(o)                                # h_t = o ⊙ tanh(c_t)
-    if active is not None:
-        m = active.unsqueeze(1)
-        h, c = torch.where(m, h, h_prev), torch.where(m, c, c_prev)
-    return h, c
+    if active is None:
+        return torch.mul(torch.tanh(c), o, out=h_out), c     # h_t = o ⊙ tanh(c_t)
+    m = active.unsqueeze(1)
+    h = torch.where(m, torch.tanh(c).mul_(o), h_prev, out=h_out)
+    return h, torch.where(m, c, c_prev)
 
 
 def lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
-                             active: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+                             active: Tensor | None, dgates: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The torch path: (dgates (B, 4H), dh_{t-1} through the carried state (None when no row
-    is masked: it is zero), dc_{t-1}); dgates is written gate by gate, never concatenated."""
+    is masked: it is zero), dc_{t-1}); dgates is written gate by gate, never concatenated,
+    into ``dgates`` when given (a layer's loop passes dgates[t] of its (T, B, 4H) buffer)."""
     i, f, g, o = gates.chunk(4, dim=1)
-    dgates = torch.empty_like(gates)
+    if dgates is None:
+        dgates = torch.empty_like(gates)
     da_i, da_f, da_g, da_o = dgates.chunk(4, dim=1)
     tanh_c = torch.tanh(c)
     do = dh * tanh_c                                         # h_t = o ⊙ tanh(c_t)
@@ -197,7 +201,8 @@ def lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tens
     if active is None:
         return dgates, None, dc_prev
     m = active.unsqueeze(1)
-    return torch.where(m, dgates, 0.0), torch.where(m, 0.0, dh), torch.where(m, dc_prev, dc)
+    return (dgates.masked_fill_(~m, 0.0), torch.where(m, 0.0, dh),
+            torch.where(m, dc_prev, dc))
 
 
 # --------------------------------------------------------------------------- custom ops
