@@ -161,6 +161,16 @@ def _lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Te
     return dgates, dh_prev, dc_prev
 
 
+def _tanh(x: Tensor, inplace: bool = False) -> Tensor:
+    """tanh(x); in float32 as 2σ(2x) - 1 (ATen's CPU tanh is ~5x slower than its sigmoid here;
+    absolute error ~1 ulp of 1, like the Triton kernels' tanh). Float64 keeps tanh: its budget
+    is relative, and 2σ(2x) - 1 cancels near 0."""
+    if x.dtype != torch.float32:
+        return x.tanh_() if inplace else torch.tanh(x)
+    two_x = x.mul_(2.0) if inplace else torch.mul(x, 2.0)
+    return two_x.sigmoid_().mul_(2.0).sub_(1.0)
+
+
 def lstm_step_forward_torch(a: Tensor, h_prev: Tensor, c_prev: Tensor, active: Tensor | None,
                             h_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The torch path: (h_t, c_t) from the pre-activations a = xw + hh (B, 4H), which become
@@ -170,13 +180,13 @@ def lstm_step_forward_torch(a: Tensor, h_prev: Tensor, c_prev: Tensor, active: T
     H = c_prev.shape[1]
     i, f, g, o = a.chunk(4, dim=1)
     a[:, :2 * H].sigmoid_()                                  # i, f (adjacent: one kernel)
-    g.tanh_()
+    _tanh(g, inplace=True)
     o.sigmoid_()
     c = torch.addcmul(f * c_prev, i, g)                      # c_t = f ⊙ c_{t-1} + i ⊙ g
     if active is None:
-        return torch.mul(torch.tanh(c), o, out=h_out), c     # h_t = o ⊙ tanh(c_t)
+        return torch.mul(_tanh(c), o, out=h_out), c        # h_t = o ⊙ tanh(c_t)
     m = active.unsqueeze(1)
-    h = torch.where(m, torch.tanh(c).mul_(o), h_prev, out=h_out)
+    h = torch.where(m, _tanh(c).mul_(o), h_prev, out=h_out)
     return h, torch.where(m, c, c_prev)
 
 
@@ -190,7 +200,7 @@ def lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tens
     if dgates is None:
         dgates = torch.empty_like(gates)
     da_i, da_f, da_g, da_o = dgates.chunk(4, dim=1)
-    tanh_c = torch.tanh(c)
+    tanh_c = _tanh(c)
     do = dh * tanh_c                                         # h_t = o ⊙ tanh(c_t)
     dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c)
     torch.mul(dc_total * g, i * (1.0 - i), out=da_i)         # c_t = f ⊙ c_{t-1} + i ⊙ g,
