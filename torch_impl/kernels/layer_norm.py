@@ -131,8 +131,19 @@ def _layer_norm_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, mean: Ten
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
+def _aten_fits(x: Tensor) -> bool:
+    """float32/float64 rows of D >= 2 go to ATen's kernels; at D = 1, x̂ is exactly 0, which
+    the composite keeps and ATen's float32 backward rounds to ~1e-7."""
+    return x.dtype in (torch.float32, torch.float64) and x.shape[-1] >= 2
+
+
 def _layer_norm_forward_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float
                               ) -> tuple[Tensor, Tensor, Tensor]:
+    if _aten_fits(x):
+        # ATen's fused row kernel computes these same μ and r (biased variance) in one pass,
+        # several times faster on the CPU than the composite below
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return y, mean.reshape(-1).clone(), rstd.reshape(-1).clone()
     xc = x.to(_compute_dtype(x.dtype))
     mean = xc.mean(dim=-1)
     centered = xc - mean.unsqueeze(-1)
@@ -143,6 +154,11 @@ def _layer_norm_forward_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: floa
 
 def _layer_norm_backward_torch(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
                                rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if _aten_fits(x) and mean.dtype == x.dtype:
+        dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+            dy, x, (x.shape[-1],), mean.unsqueeze(-1), rstd.unsqueeze(-1), weight,
+            torch.zeros_like(weight), [True, True, True])  # the bias only gives dbias's shape
+        return dx, dweight, dbias
     rstd = rstd.unsqueeze(-1)
     x_hat = (x.to(mean.dtype) - mean.unsqueeze(-1)) * rstd
     dyc = dy.to(mean.dtype)
