@@ -16,7 +16,9 @@ exists in the forward, which writes three numbers per row: the loss, m and log z
 m + log z would lose the low bits of log z at large |m|).
 
 Recompute, not save: the gradient is recomputed in the backward from x, m and log z
-(one read of x, one write of dx) instead of being computed in the forward and saved
+(one read of x, one write of dx; the torch path lets ATen's softmax recompute m and z, which
+is faster on the CPU than three elementwise passes) instead of being computed in the forward
+and saved
 (Liger-style). Saving it would hold a second (N, C) tensor from forward to backward, since a
 custom op may not overwrite its input logits in place the way Liger does; recomputing keeps
 the saved state at 2N numbers, and a forward without backward (evaluation) never pays for the
@@ -168,7 +170,9 @@ def _cross_entropy_backward_torch(dloss: Tensor, logits: Tensor, targets: Tensor
                                   log_z: Tensor, ignore_index: int, label_smoothing: float
                                   ) -> Tensor:
     valid = targets != ignore_index
-    dlogits = torch.exp(logits.to(m.dtype) - m.unsqueeze(-1) - log_z.unsqueeze(-1))
+    # p = softmax(x): ATen's fused kernel is one read of x and one write here, where
+    # exp(x - m - log z) from the saved m and log z takes three passes and two temporaries
+    dlogits = torch.softmax(logits.to(m.dtype), dim=-1)
     # p_c - (1 - ε)[c = t] - ε/C, grouped as (p_c - [c = t]) + ε([c = t] - 1/C) so that it is
     # exactly 0 when C = 1
     index = torch.where(valid, targets, 0).long().unsqueeze(-1)
