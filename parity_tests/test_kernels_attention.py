@@ -19,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import torch_impl.kernels.attention as kat
+from parity_tests.kernel_paths import PATHS, TRITON
 from parity_tests.parity import assert_close
 from parity_tests.strategies_attention import (
     AttentionConfig,
@@ -38,11 +39,8 @@ from parity_tests.test_attention import (
     run_reference_attention_with_condition,
 )
 from parity_tests.tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64, TORCH64_VS_REF64
-from torch_impl.kernels import HAS_TRITON, kernel_path
+from torch_impl.kernels import kernel_path
 
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="issue #5: the Triton kernels need triton (pip install triton)"))
-PATHS = ["torch", TRITON]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_BLOCK = 16  # queries and keys per block in these tests (the smallest tl.dot tile)
 

@@ -17,6 +17,7 @@ from hypothesis import example, given
 
 import reference.loss as ref
 import torch_impl.kernels.cross_entropy as kce
+from parity_tests.kernel_paths import PATHS
 from parity_tests.parity import assert_close
 from parity_tests.strategies_blocks import float32_exact, to_torch
 from parity_tests.test_loss import (
@@ -31,10 +32,8 @@ from parity_tests.test_loss import (
     cases,
 )
 from parity_tests.tolerances import TORCH32_VS_REF64, TORCH64_VS_REF64
-from torch_impl.kernels import HAS_TRITON, kernel_path
+from torch_impl.kernels import kernel_path
 
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="issue #5: the Triton kernels need triton (pip install triton)"))]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_CHUNK = 2  # classes per vocabulary chunk on the Triton path
 

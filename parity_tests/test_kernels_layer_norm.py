@@ -11,6 +11,7 @@ import torch
 from hypothesis import assume, example, given
 
 import reference.normalization as ref
+from parity_tests.kernel_paths import PATHS
 from parity_tests.parity import assert_close
 from parity_tests.strategies_blocks import float32_exact, to_torch
 from parity_tests.test_normalization import (
@@ -25,11 +26,9 @@ from parity_tests.test_normalization import (
     well_conditioned,
 )
 from parity_tests.tolerances import TORCH32_VS_REF64, TORCH64_VS_REF64
-from torch_impl.kernels import HAS_TRITON, kernel_path
+from torch_impl.kernels import kernel_path
 from torch_impl.kernels.layer_norm import layer_norm
 
-PATHS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not HAS_TRITON, reason="issue #5: the Triton kernels need triton (pip install triton)"))]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
