@@ -648,9 +648,10 @@ def _loop(args: argparse.Namespace, dist: Distributed, task: Any, model: Any, ru
 
 # ----------------------------------------------------------------------------- inference
 
-def _inference_model(args: argparse.Namespace, task_name: str, dtype: str = "float64"
-                     ) -> tuple[dict, Any]:
-    """(config, model in eval mode) of ``--checkpoint``, with ``task_name`` checked."""
+def _inference_model(args: argparse.Namespace, task_name: str | None,
+                     dtype: str = "float64") -> tuple[dict, Any]:
+    """(config, model in eval mode) of ``--checkpoint``; its task must be ``task_name``
+    unless that is None."""
     _check_device(args.backend, args.device)
     config, saved = _load(args.checkpoint, "--checkpoint")
     if task_name and config["task"] != task_name:
@@ -726,17 +727,15 @@ def translate(args: argparse.Namespace) -> int:
         raise UsageError("--text: expected at least one non-empty sentence (or lines on stdin)")
     src_vocab = WordVocab.from_itos(config["src_vocab"])
     tgt_vocab = WordVocab.from_itos(config["tgt_vocab"])
-    task = tk.TranslateTask(src_vocab, tgt_vocab, [("", "")], [("", "")], config["model"], 1,
-                            max_decode_len=args.max_len)
-    for line in task.translate(args.backend, model, sentences, args.device, args.beams):
+    for line in tk.translate(args.backend, model, src_vocab, tgt_vocab, sentences,
+                             args.device, args.beams, args.max_len):
         print(line)
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """``seqtwin eval``: loss over the whole validation split (translate: and BLEU)."""
-    config, _ = _load(args.checkpoint, "--checkpoint")
-    _, model = _inference_model(args, config["task"], args.dtype)
+    config, model = _inference_model(args, None, args.dtype)
     settings = dict(config["train"])
     task = _make_task(config["task"], args.data or config["data"], settings, config["model"],
                       _metadata(config))

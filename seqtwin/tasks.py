@@ -333,29 +333,9 @@ class TranslateTask:
                      **extra)[1]
 
     def translate(self, backend: str, model: Any, sentences: Sequence[str], device: str,
-                  beams: int = 1, length_penalty: float = 1.0) -> list[str]:
-        """Normalised source sentences -> target sentences (greedy, or beam search)."""
-        sq = backend_module(backend)
-        out: list[str] = []
-        model.eval()
-        for i in range(0, len(sentences), DECODE_BATCH):
-            chunk = sentences[i:i + DECODE_BATCH]
-            src, lengths = pad_batch([self.src_vocab.encode(s) for s in chunk], WordVocab.PAD)
-            bos = np.full(len(chunk), WordVocab.BOS, dtype=np.int64)
-            with no_grad(backend):
-                state = model.encode(to_backend(backend, src, device),
-                                     to_backend(backend, lengths, device))
-                bos_ids = to_backend(backend, bos, device)
-                if beams == 1:
-                    tokens = sq.greedy_decode(model.step, state, bos_ids, self.max_decode_len,
-                                              eos_id=WordVocab.EOS).tokens
-                else:
-                    tokens = sq.beam_search(model.step, state, bos_ids, self.max_decode_len,
-                                            beams, eos_id=WordVocab.EOS,
-                                            length_penalty=length_penalty).tokens[:, 0]
-            out.extend(self.tgt_vocab.decode(row) for row in to_numpy(tokens))
-        model.train()
-        return out
+                  beams: int = 1) -> list[str]:
+        return translate(backend, model, self.src_vocab, self.tgt_vocab, sentences, device,
+                         beams, self.max_decode_len)
 
     def evaluate(self, backend: str, model: Any, device: str, beams: int = 1,
                  full: bool = True, **_: Any) -> dict[str, float]:
@@ -387,6 +367,33 @@ class TranslateTask:
                 translations[source].append(target)
         return [[target] + [t for t in translations[source] if t != target]
                 for source, target in self.val_pairs]
+
+
+def translate(backend: str, model: Any, src_vocab: WordVocab, tgt_vocab: WordVocab,
+              sentences: Sequence[str], device: str, beams: int = 1, max_len: int = 30,
+              length_penalty: float = 1.0) -> list[str]:
+    """Normalised, non-empty source sentences -> target sentences with a Seq2Seq (greedy for
+    ``beams == 1``, else beam search), DECODE_BATCH sentences per decoding call."""
+    sq = backend_module(backend)
+    out: list[str] = []
+    model.eval()
+    for i in range(0, len(sentences), DECODE_BATCH):
+        chunk = sentences[i:i + DECODE_BATCH]
+        src, lengths = pad_batch([src_vocab.encode(s) for s in chunk], WordVocab.PAD)
+        bos = to_backend(backend, np.full(len(chunk), WordVocab.BOS, dtype=np.int64), device)
+        with no_grad(backend):
+            state = model.encode(to_backend(backend, src, device),
+                                 to_backend(backend, lengths, device))
+            if beams == 1:
+                tokens = sq.greedy_decode(model.step, state, bos, max_len,
+                                          eos_id=WordVocab.EOS).tokens
+            else:
+                tokens = sq.beam_search(model.step, state, bos, max_len, beams,
+                                        eos_id=WordVocab.EOS,
+                                        length_penalty=length_penalty).tokens[:, 0]
+        out.extend(tgt_vocab.decode(row) for row in to_numpy(tokens))
+    model.train()
+    return out
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
