@@ -315,7 +315,7 @@ def suite_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 if f"{r['workload']} {r['shape']}" == group and f"{r['impl']} {r['dtype']}" == impl:
                     ys.append(g + k * height)
                     xs.append(r["tokens_per_s"])
-        ax.barh(ys, xs, height=height, label=impl)
+        ax.barh(ys, xs, height=height, label=impl, color=plt.cm.tab20(k % 20))
     ax.set_yticks([g + 0.4 - height / 2 for g in range(len(groups))], groups, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
