@@ -63,6 +63,11 @@ def kernel_path(path: str) -> Iterator[None]:
         set_kernel_path(previous)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel accumulates in: float32 for bf16/fp16 and float32, float64 stays."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op on ``x`` runs its Triton kernels under the current path (raises if the
     path is "triton" and they cannot run)."""

@@ -55,7 +55,7 @@ from torch import Tensor
 from ..attention import AttentionCache, AttentionMasks, _check_attention_args
 from ..attention import _attention_backward as _attention_backward_torch
 from ..attention import _attention_forward as _attention_forward_torch
-from . import _INTERPRETED, jit, use_triton
+from . import _INTERPRETED, compute_dtype, jit, use_triton
 
 try:
     import triton
@@ -67,9 +67,6 @@ BLOCK_Q = 64        # queries per program (Triton)
 BLOCK_K = 64        # keys per block (both paths; 64 x 64 score tiles, FlashAttention-2's size)
 MAX_HEAD_DIM = 128  # largest head dim the Triton kernels hold in registers (padded to 2^n)
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -274,7 +271,7 @@ def _block_count(length: int, block: int) -> int:
 def _launch_arguments(q: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float
                       ) -> tuple[Tensor, Tensor, dict]:
     """(padding as uint8 or a dummy pointer, scale as a 1-element tensor, flags)."""
-    acc = _compute_dtype(q.dtype)
+    acc = compute_dtype(q.dtype)
     padding = q if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     # s travels as a tensor: a Python float argument would reach the kernel as float32
     scale_t = torch.full((1,), scale, dtype=acc, device=q.device)
@@ -360,7 +357,7 @@ def flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor
 @flash_attention_op.register_fake
 def _(q, k, v, key_padding_mask, causal, scale):
     return (q.new_empty(*q.shape[:3], v.shape[3]),
-            q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype)))
+            q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype)))
 
 
 @torch.library.custom_op("seqtwin::flash_attention_backward", mutates_args=())

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, check_probability, shape_str
-from . import jit, use_triton
+from . import compute_dtype, jit, use_triton
 
 try:
     import triton
@@ -49,9 +49,6 @@ except ImportError:
 VOCAB_CHUNK = 4096  # classes one program holds at a time (a power of two)
 REDUCTIONS = ("mean", "sum", "none")
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -124,7 +121,7 @@ def _chunking(C: int) -> tuple[int, int]:
 def _cross_entropy_forward_triton(logits: Tensor, targets: Tensor, ignore_index: int,
                                   label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
     N, C = logits.shape
-    acc = _compute_dtype(logits.dtype)
+    acc = compute_dtype(logits.dtype)
     loss, m, log_z = (torch.empty(N, dtype=acc, device=logits.device) for _ in range(3))
     # ε travels as a tensor: a Python float argument would reach the kernel as float32
     smoothing = torch.full((1,), label_smoothing, dtype=acc, device=logits.device)
@@ -151,7 +148,7 @@ def _cross_entropy_backward_triton(dloss: Tensor, logits: Tensor, targets: Tenso
 def _cross_entropy_forward_torch(logits: Tensor, targets: Tensor, ignore_index: int,
                                  label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
     # Eager torch materialises (N, C) temporaries here, which it cannot avoid anyway.
-    x = logits.to(_compute_dtype(logits.dtype))
+    x = logits.to(compute_dtype(logits.dtype))
     valid = targets != ignore_index
     m = x.amax(dim=-1)
     shifted = x - m.unsqueeze(-1)
@@ -199,7 +196,7 @@ def cross_entropy_op(logits: Tensor, targets: Tensor, ignore_index: int, label_s
 
 @cross_entropy_op.register_fake
 def _(logits, targets, ignore_index, label_smoothing):
-    acc = _compute_dtype(logits.dtype)
+    acc = compute_dtype(logits.dtype)
     return tuple(logits.new_empty(logits.shape[:1], dtype=acc) for _ in range(3))
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, shape_str
-from . import jit, tanh, use_triton
+from . import compute_dtype, jit, tanh, use_triton
 
 try:
     import triton
@@ -41,9 +41,6 @@ try:
 except ImportError:
     triton = tl = None
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -132,7 +129,7 @@ def _gru_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Ten
     grid, block = _grid(B, H)
     _gru_step_forward_kernel[grid](
         xw, hh, h_prev, active, h, saved, H, HAS_MASK=active is not None,
-        ACC=_triton_dtype(_compute_dtype(xw.dtype)), BLOCK_H=block)
+        ACC=_triton_dtype(compute_dtype(xw.dtype)), BLOCK_H=block)
     return h, saved
 
 
@@ -143,7 +140,7 @@ def _gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active:
     grid, block = _grid(B, H)
     _gru_step_backward_kernel[grid](
         dh, saved, h_prev, active, dxw, dhh, dh_prev, H, HAS_MASK=active is not None,
-        ACC=_triton_dtype(_compute_dtype(saved.dtype)), BLOCK_H=block)
+        ACC=_triton_dtype(compute_dtype(saved.dtype)), BLOCK_H=block)
     return dxw, dhh, dh_prev
 
 
@@ -196,7 +193,7 @@ def gru_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
     xw, hh, h_prev = xw.contiguous(), hh.contiguous(), h_prev.contiguous()
     if use_triton(xw):
         return _gru_step_forward_triton(xw, hh, h_prev, active)
-    acc = _compute_dtype(xw.dtype)
+    acc = compute_dtype(xw.dtype)
     h, saved = gru_step_forward_torch(xw.to(acc), hh.to(acc), h_prev.to(acc), active)
     return h.to(h_prev.dtype), saved.to(xw.dtype)
 
@@ -213,7 +210,7 @@ def gru_step_backward_op(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tens
     dh, saved, h_prev = dh.contiguous(), saved.contiguous(), h_prev.contiguous()
     if use_triton(saved):
         return _gru_step_backward_triton(dh, saved, h_prev, active)
-    acc = _compute_dtype(saved.dtype)
+    acc = compute_dtype(saved.dtype)
     dxw, dhh, dh_prev = gru_step_backward_torch(dh.to(acc), saved.to(acc), h_prev.to(acc),
                                                 active)
     return dxw.to(saved.dtype), dhh.to(saved.dtype), dh_prev.to(dh.dtype)

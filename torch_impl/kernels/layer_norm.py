@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, shape_str
-from . import jit, use_triton
+from . import compute_dtype, jit, use_triton
 
 try:
     import triton
@@ -34,9 +34,6 @@ try:
 except ImportError:
     triton = tl = None
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -102,7 +99,7 @@ def _triton_dtype(dtype: torch.dtype):
 def _layer_norm_forward_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: float
                                ) -> tuple[Tensor, Tensor, Tensor]:
     rows, D = x.shape
-    acc = _compute_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     y = torch.empty_like(x)
     mean = torch.empty(rows, dtype=acc, device=x.device)
     rstd = torch.empty(rows, dtype=acc, device=x.device)
@@ -144,7 +141,7 @@ def _layer_norm_forward_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: floa
         # several times faster on the CPU than the composite below
         y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
         return y, mean.reshape(-1).clone(), rstd.reshape(-1).clone()
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(compute_dtype(x.dtype))
     mean = xc.mean(dim=-1)
     centered = xc - mean.unsqueeze(-1)
     rstd = torch.rsqrt((centered * centered).mean(dim=-1) + eps)
@@ -183,7 +180,7 @@ def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float
 
 @layer_norm_op.register_fake
 def _(x, weight, bias, eps):
-    acc = _compute_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=acc),
             x.new_empty(x.shape[:-1], dtype=acc))
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, shape_str
-from . import jit, tanh, use_triton
+from . import compute_dtype, jit, tanh, use_triton
 
 try:
     import triton
@@ -40,9 +40,6 @@ try:
 except ImportError:
     triton = tl = None
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -145,7 +142,7 @@ def _lstm_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Te
     grid, block = _grid(B, H)
     _lstm_step_forward_kernel[grid](
         xw, hh, h_prev, c_prev, active, h, c, gates, H, HAS_MASK=active is not None,
-        ACC=_triton_dtype(_compute_dtype(xw.dtype)), BLOCK_H=block)
+        ACC=_triton_dtype(compute_dtype(xw.dtype)), BLOCK_H=block)
     return h, c, gates
 
 
@@ -156,7 +153,7 @@ def _lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Te
     grid, block = _grid(B, H)
     _lstm_step_backward_kernel[grid](
         dh, dc, gates, c_prev, c, active, dgates, dh_prev, dc_prev, H,
-        HAS_MASK=active is not None, ACC=_triton_dtype(_compute_dtype(gates.dtype)),
+        HAS_MASK=active is not None, ACC=_triton_dtype(compute_dtype(gates.dtype)),
         BLOCK_H=block)
     return dgates, dh_prev, dc_prev
 
@@ -225,7 +222,7 @@ def lstm_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor, active:
     xw, hh, h_prev, c_prev = (t.contiguous() for t in (xw, hh, h_prev, c_prev))
     if use_triton(xw):
         return _lstm_step_forward_triton(xw, hh, h_prev, c_prev, active)
-    acc = _compute_dtype(xw.dtype)
+    acc = compute_dtype(xw.dtype)
     gates = xw.to(acc) + hh.to(acc)
     h, c = lstm_step_forward_torch(gates, h_prev.to(acc), c_prev.to(acc), active)
     return h.to(h_prev.dtype), c.to(c_prev.dtype), gates.to(xw.dtype)
@@ -243,7 +240,7 @@ def lstm_step_backward_op(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor,
     dh, dc, gates, c_prev, c = (t.contiguous() for t in (dh, dc, gates, c_prev, c))
     if use_triton(gates):
         return _lstm_step_backward_triton(dh, dc, gates, c_prev, c, active)
-    acc = _compute_dtype(gates.dtype)
+    acc = compute_dtype(gates.dtype)
     dgates, dh_prev, dc_prev = lstm_step_backward_torch(*(t.to(acc) for t in (dh, dc, gates,
                                                                                 c_prev, c)),
                                                         active)
