@@ -103,6 +103,9 @@ SINGLE = Seq2SeqShape(src_vocab=2, tgt_vocab=2, embed=1, hidden=1, layers=1, bat
                       src_steps=1, tgt_steps=1, seed=0)
 THIN = Seq2SeqShape(src_vocab=3, tgt_vocab=3, embed=1, hidden=1, layers=2, batch=1,
                     src_steps=2, tgt_steps=3, seed=1)
+# Bahdanau's key_proj.bias gradient cancels to ~1e-8 here (FLOAT64_GRADIENT_FLOOR's reason)
+BIAS_CANCELS = Seq2SeqShape(src_vocab=6, tgt_vocab=3, embed=3, hidden=1, layers=2, batch=3,
+                            src_steps=4, tgt_steps=3, seed=810)
 
 
 class Seq2SeqInputs(NamedTuple):
@@ -239,11 +242,23 @@ def run_torch_steps(inputs: Seq2SeqInputs) -> Seq2SeqRun:
     return Seq2SeqRun(logits, loss, grads)
 
 
-def assert_runs_close(actual: Seq2SeqRun, expected: Seq2SeqRun, budget) -> None:
+def assert_runs_close(actual: Seq2SeqRun, expected: Seq2SeqRun, budget,
+                      floor: float | None = None) -> None:
+    """Logits and loss to the budget; each gradient tensor to the budget times its own norm,
+    or, when its norm is below ``floor`` (default FLOAT64_GRADIENT_FLOOR), times the floor."""
+    floor = FLOAT64_GRADIENT_FLOOR if floor is None else floor
     assert_close(actual.logits, expected.logits, budget.forward, "logits")
     assert_close(actual.loss, expected.loss, budget.forward, "loss")
     assert list(actual.grads) == list(expected.grads)
-    assert_all_close(actual.grads, expected.grads, budget.gradient, "d")
+    for name, e in expected.grads.items():
+        a, e = to_numpy(actual.grads[name]), to_numpy(e)
+        if np.linalg.norm(e) >= floor:
+            assert_close(a, e, budget.gradient, f"d{name}")
+        else:
+            assert np.isfinite(a).all(), f"d{name}: non-finite"
+            error = float(np.linalg.norm(a - e))
+            assert error <= budget.gradient * floor, \
+                f"d{name}: |a - e| {error:.3e} > {budget.gradient * floor:.1e}"
 
 
 def float32_inputs(inputs: Seq2SeqInputs) -> Seq2SeqInputs:
@@ -257,26 +272,20 @@ def float32_inputs(inputs: Seq2SeqInputs) -> Seq2SeqInputs:
 # to 0 over a row: with one live key (length 1) or keys that score alike they cancel to
 # ~1e-8..1e-10 although inputs and upstream are O(1), and float32's absolute noise (~4e-8 of
 # the O(1) terms) is then most of them, with no bug anywhere (test_rnn_attention.py's
-# argument). So in float32 only, a gradient tensor of norm below this floor is held to the
-# budget times the floor (an absolute bound) instead of times its own norm; the float64 and
-# finite-difference tests hold every tensor to its own norm.
+# argument). So in float32, a gradient tensor of norm below this floor is held to the
+# budget times the floor (an absolute bound) instead of times its own norm.
 FLOAT32_GRADIENT_FLOOR = 1e-3
+# The same cancellation in float64: Bahdanau's key_proj.bias gradient is Σ_ij de_ij v (1 - h²)
+# with Σ_j de_ij = 0, so it is ~1e-8 while its terms are O(0.1); float64 rounding then leaves
+# |diff| ~1e-17, a relative error of ~1.5e-10 against the 1e-10 budget (seen with hidden 1 under
+# the dev profile). Below norm 1e-5 a float64 gradient is held to 1e-10 x 1e-5 = 1e-15
+# absolute: still ~100x the rounding seen, and ~1e-8 of the terms. Finite differences hold
+# every tensor to its own norm.
+FLOAT64_GRADIENT_FLOOR = 1e-5
 
 
 def assert_float32_runs_close(actual: Seq2SeqRun, expected: Seq2SeqRun) -> None:
-    budget = TORCH32_VS_REF64
-    assert_close(actual.logits, expected.logits, budget.forward, "logits")
-    assert_close(actual.loss, expected.loss, budget.forward, "loss")
-    assert list(actual.grads) == list(expected.grads)
-    for name, e in expected.grads.items():
-        a, e = to_numpy(actual.grads[name]), to_numpy(e)
-        if np.linalg.norm(e) >= FLOAT32_GRADIENT_FLOOR:
-            assert_close(a, e, budget.gradient, f"d{name}")
-        else:
-            assert np.isfinite(a).all(), f"d{name}: non-finite"
-            error = float(np.linalg.norm(a - e))
-            assert error <= budget.gradient * FLOAT32_GRADIENT_FLOOR, \
-                f"d{name}: |a - e| {error:.3e} > {budget.gradient * FLOAT32_GRADIENT_FLOOR:.1e}"
+    assert_runs_close(actual, expected, TORCH32_VS_REF64, FLOAT32_GRADIENT_FLOOR)
 
 
 def assert_reference_matches_finite_differences(inputs: Seq2SeqInputs) -> None:
@@ -324,6 +333,7 @@ def test_reference_backward_matches_finite_differences(attention: str | None,
 @given(shape=seq2seq_shapes())
 @example(shape=SINGLE)
 @example(shape=THIN)
+@example(shape=BIAS_CANCELS)
 def test_torch_impl_float64_matches_reference(cell: str, attention: str | None,
                                               bidirectional: bool, shape: Seq2SeqShape) -> None:
     inputs = make_inputs(seq2seq_case(cell, attention, bidirectional, shape))
