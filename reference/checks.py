@@ -8,7 +8,7 @@ what was expected. Internals trust their inputs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -103,3 +103,32 @@ def check_positive_int(name: str, n: object) -> int:
     if n < 1:
         raise ValueError(f"{name}: expected a positive int, got {n}")
     return int(n)
+
+
+def check_dropout_masks(masks: object, p: float, expected: Mapping[str, tuple[int, ...]],
+                        helper: str) -> Mapping[str, np.ndarray] | None:
+    """The explicit keep-masks of a model with dropout rate p: None when p == 0, else a dict
+    with exactly the keys and shapes of ``expected`` (``helper`` names where they come from)."""
+    if p == 0:
+        if masks is not None:
+            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
+        return None
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when config.dropout = {p} > 0 "
+                         f"(randomness is explicit: see {helper})")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"dropout_masks: expected a dict of bool arrays, "
+                        f"got {type(masks).__name__}")
+    if set(masks) != set(expected):
+        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
+                         f"{sorted(set(expected) - set(masks))}, unexpected "
+                         f"{sorted(set(masks) - set(expected))}")
+    for name, shape in expected.items():
+        mask = masks[name]
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise TypeError(f"dropout_masks[{name!r}]: expected a bool numpy.ndarray "
+                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != shape:
+            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
+                             f"got {shape_str(mask.shape)}")
+    return masks

@@ -40,6 +40,7 @@ from .attention import (
     scaled_dot_product_attention_forward,
 )
 from .checks import (
+    check_dropout_masks,
     check_float_array,
     check_int_array,
     check_positive_int,
@@ -310,29 +311,8 @@ def _check_params(params: object, config: GPTConfig) -> None:
 
 
 def _check_dropout_masks(masks: object, config: GPTConfig, batch: int, steps: int) -> None:
-    if config.dropout == 0:
-        if masks is not None:
-            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
-        return
-    if masks is None:
-        raise ValueError(f"dropout_masks: required when config.dropout = {config.dropout} > 0 "
-                         f"(randomness is explicit: see gpt_dropout_masks)")
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"dropout_masks: expected a dict of bool arrays, "
-                        f"got {type(masks).__name__}")
-    expected = gpt_dropout_mask_shapes(config, batch, steps)
-    if set(masks) != set(expected):
-        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
-                         f"{sorted(set(expected) - set(masks))}, unexpected "
-                         f"{sorted(set(masks) - set(expected))}")
-    for name, shape in expected.items():
-        mask = masks[name]
-        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-            raise TypeError(f"dropout_masks[{name!r}]: expected a bool numpy.ndarray "
-                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != shape:
-            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
-                             f"got {shape_str(mask.shape)}")
+    check_dropout_masks(masks, config.dropout, gpt_dropout_mask_shapes(config, batch, steps),
+                        "gpt_dropout_masks")
 
 
 def _check_ids(ids: object, config: GPTConfig) -> tuple[int, int]:

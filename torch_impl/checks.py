@@ -12,7 +12,7 @@ symbolic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -121,3 +121,37 @@ def check_positive_int(name: str, n: object) -> int:
     if n < 1:
         raise ValueError(f"{name}: expected a positive int, got {n}")
     return int(n)
+
+
+def check_dropout_masks(masks: object, p: float, expected: Mapping[str, tuple[int, ...]],
+                        helper: str, device: torch.device | None = None
+                        ) -> Mapping[str, torch.Tensor] | None:
+    """The explicit keep-masks of a model with dropout rate p: None when p == 0, else a dict
+    with exactly the keys and shapes of ``expected`` (``helper`` names where they come from),
+    on ``device`` when one is given."""
+    if p == 0:
+        if masks is not None:
+            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
+        return None
+    if masks is None:
+        raise ValueError(f"dropout_masks: required when config.dropout = {p} > 0 "
+                         f"(randomness is explicit: see {helper})")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"dropout_masks: expected a dict of bool tensors, "
+                        f"got {type(masks).__name__}")
+    if set(masks) != set(expected):
+        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
+                         f"{sorted(set(expected) - set(masks))}, unexpected "
+                         f"{sorted(set(masks) - set(expected))}")
+    for name, shape in expected.items():
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"dropout_masks[{name!r}]: expected a bool torch.Tensor "
+                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
+                             f"got {shape_str(tuple(mask.shape))}")
+        if device is not None and mask.device != device:
+            raise ValueError(f"dropout_masks[{name!r}]: expected the device of src ({device}), "
+                             f"got {mask.device}")
+    return masks

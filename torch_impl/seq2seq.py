@@ -89,12 +89,12 @@ from torch.autograd.function import once_differentiable
 
 from .activations import TanhCache, tanh_backward, tanh_forward
 from .checks import (
+    check_dropout_masks,
     check_float_tensor,
     check_int_tensor,
     check_positive_int,
     check_probability,
     check_shape,
-    shape_str,
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
@@ -253,33 +253,9 @@ def seq2seq_dropout_mask_shapes(config: Seq2SeqConfig, batch: int, src_steps: in
 
 def _check_dropout_masks(masks: object, config: Seq2SeqConfig, B: int, Ts: int, Tt: int,
                          device: torch.device) -> Mapping[str, Tensor] | None:
-    if config.dropout == 0:
-        if masks is not None:
-            raise ValueError("dropout_masks: expected None when config.dropout == 0, got masks")
-        return None
-    if masks is None:
-        raise ValueError(f"dropout_masks: required when config.dropout = {config.dropout} > 0 "
-                         f"(randomness is explicit: see seq2seq_dropout_mask_shapes)")
-    if not isinstance(masks, Mapping):
-        raise TypeError(f"dropout_masks: expected a dict of bool tensors, "
-                        f"got {type(masks).__name__}")
-    expected = seq2seq_dropout_mask_shapes(config, B, Ts, Tt)
-    if set(masks) != set(expected):
-        raise ValueError(f"dropout_masks: expected the keys {sorted(expected)}, missing "
-                         f"{sorted(set(expected) - set(masks))}, unexpected "
-                         f"{sorted(set(masks) - set(expected))}")
-    for name, shape in expected.items():
-        mask = masks[name]
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"dropout_masks[{name!r}]: expected a bool torch.Tensor "
-                            f"(True = keep), got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != shape:
-            raise ValueError(f"dropout_masks[{name!r}]: expected shape {shape_str(shape)}, "
-                             f"got {shape_str(tuple(mask.shape))}")
-        if mask.device != device:
-            raise ValueError(f"dropout_masks[{name!r}]: expected the device of src ({device}), "
-                             f"got {mask.device}")
-    return masks
+    return check_dropout_masks(masks, config.dropout,
+                               seq2seq_dropout_mask_shapes(config, B, Ts, Tt),
+                               "seq2seq_dropout_mask_shapes", device)
 
 
 def _dropout(x: Tensor, p: float, masks: Mapping | None, site: str
