@@ -63,6 +63,18 @@ def torch_runner(module: torch.nn.Module, x: torch.Tensor, dout: torch.Tensor,
     return run
 
 
+def compiled_runner(module: Callable, x: torch.Tensor, dout: torch.Tensor,
+                    backward: bool) -> Callable[[], torch.Tensor]:
+    """torch_runner for a torch.compile'd module; marks each call a new step, which CUDA-graph
+    backends ("cudagraphs", inductor's "reduce-overhead") need to reuse their memory pool."""
+    run = torch_runner(module, x, dout, backward)
+
+    def step() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return run()
+    return step
+
+
 def reference_runner(module: Any, x: np.ndarray, dout: np.ndarray,
                      backward: bool) -> Callable[[], np.ndarray]:
     def run() -> np.ndarray:
@@ -93,6 +105,10 @@ def bench_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         ("torch.nn", lambda bw: torch_runner(nn_layer, x, dout, bw)),
         ("torch_impl", lambda bw: torch_runner(ours, x, dout, bw)),
     ]
+    for backend in args.compile:
+        compiled = torch.compile(ours, backend=backend, fullgraph=True)
+        impls.append((f"torch_impl+compile({backend})",
+                      lambda bw, compiled=compiled: compiled_runner(compiled, x, dout, bw)))
     if args.reference:
         ref_dtype = np.float64 if args.dtype == "float64" else np.float32
         ref = ref_cls(I, H, num_layers=args.layers, dtype=ref_dtype)
@@ -149,11 +165,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--min-seconds", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="",
+                   help="comma list of torch.compile backends to add as torch_impl rows, e.g. "
+                        "cudagraphs (CUDA graphs over the whole time loop), inductor")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the NumPy reference (slow at large sizes; CPU only)")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: benchmarks/results/<machine>)")
     args = p.parse_args(argv)
+    args.compile = [b.strip() for b in args.compile.split(",") if b.strip()]
     if args.dtype in ("bfloat16", "float16"):
         args.reference = False  # NumPy has no bfloat16/float16 reference to time
     return args

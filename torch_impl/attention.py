@@ -306,12 +306,33 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+def _fused_attention_fits(q: object, v: object, attn_mask: object, dropout: object,
+                          block_k: object) -> bool:
+    """Whether scaled_dot_product_attention can run the fused CUDA kernels (see there)."""
+    if not (isinstance(q, Tensor) and isinstance(v, Tensor) and q.is_cuda and q.dim() == 4
+            and v.dim() == 4 and attn_mask is None and dropout == 0 and block_k == BLOCK_K
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return False
+    from .kernels import use_triton
+    from .kernels.attention import MAX_HEAD_DIM
+    return use_triton(q) and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                  key_padding_mask: Tensor | None = None, causal: bool = False,
                                  dropout: float = 0.0, dropout_mask: Tensor | None = None,
                                  scale: float | None = None, *, block_k: int = BLOCK_K) -> Tensor:
-    """Torch-only convenience: out (B, h, Tq, dv) through ``ScaledDotProductAttentionFunction``,
-    differentiable in q, k, v by autograd. Arguments as scaled_dot_product_attention_forward."""
+    """Torch-only convenience: out (B, h, Tq, dv), differentiable in q, k, v by autograd.
+    Arguments as scaled_dot_product_attention_forward.
+
+    On CUDA, with no attn_mask, no dropout and the default block_k, bf16/fp16/float32 inputs
+    with head dims up to 128 go to the fused Triton kernels (``kernels.flash_attention``, the
+    same math; the kernel path switch "torch" turns this off); everything else goes through
+    ``ScaledDotProductAttentionFunction``'s blocked torch forward and backward.
+    """
+    if _fused_attention_fits(q, v, attn_mask, dropout, block_k):
+        from .kernels.attention import flash_attention  # here: kernels imports this module
+        return flash_attention(q, k, v, causal, key_padding_mask, scale)
     return ScaledDotProductAttentionFunction.apply(q, k, v, attn_mask, key_padding_mask, causal,
                                                    dropout, dropout_mask, scale, block_k)
 

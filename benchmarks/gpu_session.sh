@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issue #5, in one script for a lent GPU machine: run from the
+# repository root with the stages wanted, e.g.
+#
+#     OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests sanitize kernels recurrent
+#
+# Stages (each under its own time limit, each logging to $OUT/<stage>.log):
+#   tests      the kernel parity tests and every CUDA test, Triton compiled for the GPU
+#   sanitize   compute-sanitizer memcheck over one forward+backward of every kernel, and
+#              racecheck over the attention kernels (the ones with shared-memory tiles)
+#   kernels    benchmarks.bench_kernels (attention, cross-entropy, layer norm) bf16 and fp32
+#   recurrent  benchmarks.bench_recurrent LSTM/GRU B64 T128 H1024 fp32 and bf16 vs cuDNN,
+#              eager and with CUDA graphs over the time loop (torch.compile "cudagraphs")
+# Results land in benchmarks/results/<gpu>/ and are packed into $OUT/results.tgz.
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 CI=true
+PY=${PYTHON:-python3}
+RESULTS=benchmarks/results/$($PY -c "from benchmarks.harness import machine_slug; print(machine_slug('cuda'))")
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/summary.log"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.log"
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+    | tee -a "$OUT/summary.log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT/summary.log"
+
+for s in "$@"; do
+    case $s in
+    tests)
+        stage tests_kernels 180 $PY -m pytest -q -p no:cacheprovider -n 8 \
+            parity_tests/test_kernels_attention.py parity_tests/test_kernels_cross_entropy.py \
+            parity_tests/test_kernels_layer_norm.py parity_tests/test_kernels_lstm_step.py \
+            parity_tests/test_kernels_gru_step.py parity_tests/test_kernels_dispatch.py \
+            --junitxml="$OUT/tests_kernels.xml"
+        stage tests_gpu 120 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests \
+            --junitxml="$OUT/tests_gpu.xml" ;;
+    sanitize)
+        stage memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+            $PY -m benchmarks.kernel_smoke
+        stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 3 \
+            $PY -m benchmarks.kernel_smoke --ops attention ;;
+    kernels)
+        stage kernels 200 $PY -m benchmarks.bench_kernels --device cuda \
+            --dtypes bfloat16,float32 --out "$RESULTS" ;;
+    recurrent)
+        stage recurrent_fp32 120 $PY -m benchmarks.bench_recurrent --device cuda \
+            --dtype float32 --batch 64 --length 128 --hidden 1024 --no-reference \
+            --compile cudagraphs --out "$RESULTS"
+        stage recurrent_bf16 120 $PY -m benchmarks.bench_recurrent --device cuda \
+            --dtype bfloat16 --batch 64 --length 128 --hidden 1024 --no-reference \
+            --compile cudagraphs --out "$RESULTS" ;;
+    *) echo "unknown stage $s" ;;
+    esac
+done
+tar czf "$OUT/results.tgz" "$RESULTS"
+cat "$OUT/summary.log"
