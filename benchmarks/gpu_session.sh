@@ -8,6 +8,7 @@
 #   tests      the kernel parity tests and every CUDA test, Triton compiled for the GPU
 #   sanitize   compute-sanitizer memcheck over one forward+backward of every kernel, and
 #              racecheck over the attention kernels (the ones with shared-memory tiles)
+#   tune       benchmarks.tune_attention: launch configurations of the attention kernels
 #   kernels    benchmarks.bench_kernels (attention, cross-entropy, layer norm) bf16 and fp32
 #   recurrent  benchmarks.bench_recurrent LSTM/GRU B64 T128 H1024 fp32 and bf16 vs cuDNN,
 #              eager and with CUDA graphs over the time loop (torch.compile "cudagraphs")
@@ -37,18 +38,20 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 for s in "$@"; do
     case $s in
     tests)
-        stage tests_kernels 180 $PY -m pytest -q -p no:cacheprovider -n 8 \
+        stage tests_kernels 100 $PY -m pytest -q -p no:cacheprovider -n 8 \
             parity_tests/test_kernels_attention.py parity_tests/test_kernels_cross_entropy.py \
             parity_tests/test_kernels_layer_norm.py parity_tests/test_kernels_lstm_step.py \
             parity_tests/test_kernels_gru_step.py parity_tests/test_kernels_dispatch.py \
             --junitxml="$OUT/tests_kernels.xml"
-        stage tests_gpu 120 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests \
+        stage tests_gpu 90 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests \
             --junitxml="$OUT/tests_gpu.xml" ;;
     sanitize)
         stage memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
             $PY -m benchmarks.kernel_smoke
         stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 3 \
             $PY -m benchmarks.kernel_smoke --ops attention ;;
+    tune)
+        stage tune 170 $PY -m benchmarks.tune_attention --dtype bfloat16 --length 4096 ;;
     kernels)
         stage kernels 200 $PY -m benchmarks.bench_kernels --device cuda \
             --dtypes bfloat16,float32 --out "$RESULTS" ;;

@@ -37,10 +37,15 @@ Precision: scores, softmax statistics and accumulators are float32 for bf16/fp16
 as FlashAttention does. float32 products use IEEE float32, not TF32 (DESIGN.md's 1e-5 budget).
 
 Blocks: BLOCK_Q queries by BLOCK_K keys by the head dim rounded up to a power of two >= 16
-(masked, so any head dim up to MAX_HEAD_DIM works). Loop bounds are compile-time block counts
-rounded up to a power of two (runtime loop bounds break triton 3.6's interpreter with
-numpy >= 2.4, and a power of two keeps the number of compiled variants small); blocks past the
-end, and key blocks wholly in a query block's causal future, are skipped by an ``if``.
+(masked, so any head dim up to MAX_HEAD_DIM works); on a GPU the block sizes, warps and
+pipeline stages per kernel come from GPU_CONFIGS. Compiled kernels loop to run-time bounds
+(key blocks wholly in a query block's causal future, and query blocks wholly before a key
+block, are never visited), a loop the compiler can software-pipeline. In triton's interpreter,
+run-time loop bounds break with numpy >= 2.4, so there the loops run to compile-time block
+counts rounded up to a power of two, skipping blocks past the end by an ``if``.
+
+float64 runs the Triton kernels only in the interpreter (CPU tests); on a GPU it takes the
+torch path, since triton cannot compile a float64 tl.dot for NVIDIA GPUs.
 
 Dropout and attn_mask stay on ``attention.py``'s path (``scaled_dot_product_attention``): the
 kernel has no random keep-mask and no (Tq, Tk) mask input. On CPU tensors (path "auto" or
@@ -66,6 +71,16 @@ except ImportError:
 BLOCK_Q = 64        # queries per program (Triton)
 BLOCK_K = 64        # keys per block (both paths; 64 x 64 score tiles, FlashAttention-2's size)
 MAX_HEAD_DIM = 128  # largest head dim the Triton kernels hold in registers (padded to 2^n)
+DELTA_ROWS = 64     # rows per program of the backward's D = Σ dout ⊙ out
+# On a GPU: (BLOCK_Q, BLOCK_K, num_warps, num_stages) per kernel, by padded head dim (the
+# smallest key >= it). The forward and dq kernels hold a query block and stream key blocks,
+# dkdv holds a key block and streams query blocks. Chosen by benchmarks/tune_attention.py on
+# the lent H100 (bf16, causal, T 4096); see benchmarks/results/nvidia-h100-80gb-hbm3/.
+GPU_CONFIGS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {64: (64, 128, 8, 3), 128: (64, 128, 8, 2)},
+    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+}
 
 
 
@@ -95,12 +110,37 @@ def _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
 
 
 @jit
+def _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale, bh, batch, rows, dims,
+                   vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+                   ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """One key block of the online softmax: (m, l, acc) updated by keys start .. + BLOCK_K."""
+    cols = start + tl.arange(0, BLOCK_K)
+    k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
+                mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
+    v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
+                mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
+    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
+                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # rows that have seen no visible key keep max -inf: shifting them by 0 instead
+    # makes their exponentials exactly 0 rather than NaN
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp(m - shift)          # what was summed under the old max
+    p = tl.exp(s - shift[:, None])
+    l = l * rescale + tl.sum(p, axis=1)
+    acc = acc * rescale[:, None] + _dot(p, v, ACC, IN, DOT)
+    return m_new, l, acc
+
+
+@jit
 def _flash_attention_forward_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, out_ptr,
                                     lse_ptr, heads, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr,
                                     CAUSAL: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr,
                                     DOT: tl.constexpr, BLOCK_Q: tl.constexpr,
                                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    BLOCK_DV: tl.constexpr, KEY_BLOCKS: tl.constexpr):
+                                    BLOCK_DV: tl.constexpr, KEY_BLOCKS: tl.constexpr,
+                                    RUNTIME_LOOP: tl.constexpr):
     q_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     batch = bh // heads
@@ -115,25 +155,17 @@ def _flash_attention_forward_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr,
     stop = Tk                                     # keys past stop are in every row's future
     if CAUSAL:
         stop = tl.minimum(Tk, q_block * BLOCK_Q + BLOCK_Q + (Tk - Tq))
-    for key_block in range(0, KEY_BLOCKS):
-        start = key_block * BLOCK_K
-        if start < stop:
-            cols = start + tl.arange(0, BLOCK_K)
-            k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-                        mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
-            v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-                        mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
-            s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                               HAS_PADDING, CAUSAL, ACC, IN, DOT)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            # rows that have seen no visible key keep max -inf: shifting them by 0 instead
-            # makes their exponentials exactly 0 rather than NaN
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            rescale = tl.exp(m - shift)          # what was summed under the old max
-            p = tl.exp(s - shift[:, None])
-            l = l * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + _dot(p, v, ACC, IN, DOT)
-            m = m_new
+    if RUNTIME_LOOP:                              # compiled: a plain loop the compiler pipelines
+        for start in range(0, stop, BLOCK_K):
+            m, l, acc = _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale,
+                                       bh, batch, rows, dims, vdims, Tq, Tk, D, DV, HAS_PADDING,
+                                       CAUSAL, ACC, IN, DOT, BLOCK_K)
+    else:                                         # interpreted: compile-time bound and an if
+        for key_block in range(0, KEY_BLOCKS):
+            if key_block * BLOCK_K < stop:
+                m, l, acc = _forward_block(q, m, l, acc, key_block * BLOCK_K, k_ptr, v_ptr,
+                                           padding_ptr, scale, bh, batch, rows, dims, vdims, Tq,
+                                           Tk, D, DV, HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_K)
     seen = l > 0
     l_safe = tl.where(seen, l, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -157,13 +189,36 @@ def _flash_attention_delta_kernel(dout_ptr, out_ptr, delta_ptr, n_rows, DV, ACC:
 
 
 @jit
+def _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr, lse_ptr, delta_ptr, bh,
+                batch, cols, dims, vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr,
+                CAUSAL: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """dk, dv of one key block, accumulated over the queries start .. + BLOCK_Q."""
+    rows = start + tl.arange(0, BLOCK_Q)
+    q = tl.load(q_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
+                mask=(rows[:, None] < Tq) & (dims[None, :] < D), other=0.0)
+    dout = tl.load(dout_ptr + bh * Tq * DV + rows[:, None] * DV + vdims[None, :],
+                   mask=(rows[:, None] < Tq) & (vdims[None, :] < DV), other=0.0)
+    lse = tl.load(lse_ptr + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
+                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    p = tl.exp(s - lse[:, None])          # 0 at masked keys and at rows with L = +inf
+    dv += _dot(tl.trans(p), dout, ACC, IN, DOT)         # out = P v
+    dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
+    ds = p * (dp - delta[:, None])                               # P = softmax(S)
+    dk += _dot(tl.trans(ds), q, ACC, IN, DOT)           # S = q kᵀ · s
+    return dk, dv
+
+
+@jit
 def _flash_attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout_ptr, lse_ptr,
                                  delta_ptr, dk_ptr, dv_ptr, heads, Tq, Tk, D, DV,
                                  HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
                                  ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
                                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                 QUERY_BLOCKS: tl.constexpr):
+                                 QUERY_BLOCKS: tl.constexpr, RUNTIME_LOOP: tl.constexpr):
     k_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     batch = bh // heads
@@ -178,29 +233,43 @@ def _flash_attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, do
     dv = tl.zeros((BLOCK_K, BLOCK_DV), dtype=ACC)
     first = 0                                     # queries before first see none of these keys
     if CAUSAL:
-        first = k_block * BLOCK_K - (Tk - Tq)
-    for query_block in range(0, QUERY_BLOCKS):
-        start = query_block * BLOCK_Q
-        if (start < Tq) & (start + BLOCK_Q > first):
-            rows = start + tl.arange(0, BLOCK_Q)
-            q = tl.load(q_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
-                        mask=(rows[:, None] < Tq) & (dims[None, :] < D), other=0.0)
-            dout = tl.load(dout_ptr + bh * Tq * DV + rows[:, None] * DV + vdims[None, :],
-                           mask=(rows[:, None] < Tq) & (vdims[None, :] < DV), other=0.0)
-            lse = tl.load(lse_ptr + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
-            delta = tl.load(delta_ptr + bh * Tq + rows, mask=rows < Tq, other=0.0)
-            s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                               HAS_PADDING, CAUSAL, ACC, IN, DOT)
-            p = tl.exp(s - lse[:, None])          # 0 at masked keys and at rows with L = +inf
-            dv += _dot(tl.trans(p), dout, ACC, IN, DOT)         # out = P v
-            dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
-            ds = p * (dp - delta[:, None])                               # P = softmax(S)
-            dk += _dot(tl.trans(ds), q, ACC, IN, DOT)           # S = q kᵀ · s
+        first = tl.maximum(k_block * BLOCK_K - (Tk - Tq), 0)
+    if RUNTIME_LOOP:
+        for start in range((first // BLOCK_Q) * BLOCK_Q, Tq, BLOCK_Q):
+            dk, dv = _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr,
+                                 lse_ptr, delta_ptr, bh, batch, cols, dims, vdims, Tq, Tk, D, DV,
+                                 HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_Q)
+    else:
+        for query_block in range(0, QUERY_BLOCKS):
+            start = query_block * BLOCK_Q
+            if (start < Tq) & (start + BLOCK_Q > first):
+                dk, dv = _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr,
+                                     lse_ptr, delta_ptr, bh, batch, cols, dims, vdims, Tq, Tk,
+                                     D, DV, HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_Q)
     inside_k = (cols[:, None] < Tk) & (dims[None, :] < D)
     tl.store(dk_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_k)
     tl.store(dv_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=(cols[:, None] < Tk) & (vdims[None, :] < DV))
+
+
+@jit
+def _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, bh, batch, rows,
+              dims, vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
+              ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dq of one query block, accumulated over the keys start .. + BLOCK_K."""
+    cols = start + tl.arange(0, BLOCK_K)
+    k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
+                mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
+    v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
+                mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
+    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
+                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    p = tl.exp(s - lse[:, None])
+    dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds, k, ACC, IN, DOT)
+    return dq
 
 
 @jit
@@ -210,7 +279,7 @@ def _flash_attention_dq_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout
                                ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
                                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                               KEY_BLOCKS: tl.constexpr):
+                               KEY_BLOCKS: tl.constexpr, RUNTIME_LOOP: tl.constexpr):
     q_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     batch = bh // heads
@@ -227,20 +296,17 @@ def _flash_attention_dq_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout
     stop = Tk
     if CAUSAL:
         stop = tl.minimum(Tk, q_block * BLOCK_Q + BLOCK_Q + (Tk - Tq))
-    for key_block in range(0, KEY_BLOCKS):
-        start = key_block * BLOCK_K
-        if start < stop:
-            cols = start + tl.arange(0, BLOCK_K)
-            k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-                        mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
-            v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-                        mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
-            s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                               HAS_PADDING, CAUSAL, ACC, IN, DOT)
-            p = tl.exp(s - lse[:, None])
-            dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds, k, ACC, IN, DOT)
+    if RUNTIME_LOOP:
+        for start in range(0, stop, BLOCK_K):
+            dq = _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, bh,
+                           batch, rows, dims, vdims, Tq, Tk, D, DV, HAS_PADDING, CAUSAL, ACC, IN,
+                           DOT, BLOCK_K)
+    else:
+        for key_block in range(0, KEY_BLOCKS):
+            if key_block * BLOCK_K < stop:
+                dq = _dq_block(q, dout, lse, delta, dq, key_block * BLOCK_K, k_ptr, v_ptr,
+                               padding_ptr, scale, bh, batch, rows, dims, vdims, Tq, Tk, D, DV,
+                               HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_K)
     tl.store(dq_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=(rows[:, None] < Tq) & (dims[None, :] < D))
@@ -253,19 +319,33 @@ def _triton_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def _block_sizes(q: Tensor, v: Tensor) -> dict:
-    """The compile-time sizes every kernel shares: blocks of queries, keys and (padded) dims."""
+def _padded_dims(q: Tensor, v: Tensor) -> dict:
+    """The head dims rounded up to a power of two >= 16 (BLOCK_D, BLOCK_DV)."""
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     if max(head_dim, value_dim) > MAX_HEAD_DIM:
         raise ValueError(f"q, v: the Triton kernels hold head dims up to {MAX_HEAD_DIM}, got "
                          f"d = {head_dim}, dv = {value_dim} (use set_kernel_path('torch'))")
-    return dict(BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_DV=max(16, triton.next_power_of_2(value_dim)))
 
 
 def _block_count(length: int, block: int) -> int:
     return triton.next_power_of_2(triton.cdiv(length, block))
+
+
+def _launch_config(kernel: str, dims: dict, dtype: torch.dtype) -> tuple[int, int, dict]:
+    """(BLOCK_Q, BLOCK_K, launch options) of one kernel. The interpreter takes the module's
+    BLOCK_Q x BLOCK_K (tests shrink them); a GPU takes GPU_CONFIGS[kernel] for the padded
+    head dim (float32 halves the key block: IEEE float32 tiles take twice the registers)."""
+    if _INTERPRETED:
+        return BLOCK_Q, BLOCK_K, {}
+    width = max(dims["BLOCK_D"], dims["BLOCK_DV"])
+    block_q, block_k, warps, stages = GPU_CONFIGS[kernel][min(w for w in GPU_CONFIGS[kernel]
+                                                              if w >= width)]
+    if dtype == torch.float32:
+        block_q, block_k = (block_q // 2, block_k) if kernel == "dkdv" else (block_q,
+                                                                             block_k // 2)
+    return block_q, block_k, dict(num_warps=warps, num_stages=stages)
 
 
 def _launch_arguments(q: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float
@@ -278,7 +358,8 @@ def _launch_arguments(q: Tensor, key_padding_mask: Tensor | None, causal: bool, 
     interpreted_bf16 = _INTERPRETED and q.dtype == torch.bfloat16
     flags = dict(HAS_PADDING=key_padding_mask is not None, CAUSAL=causal,
                  ACC=_triton_dtype(acc), IN=_triton_dtype(q.dtype),
-                 DOT=tl.float32 if interpreted_bf16 else _triton_dtype(q.dtype))
+                 DOT=tl.float32 if interpreted_bf16 else _triton_dtype(q.dtype),
+                 RUNTIME_LOOP=not _INTERPRETED)
     return padding, scale_t, flags
 
 
@@ -287,13 +368,16 @@ def _flash_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor,
                                     ) -> tuple[Tensor, Tensor]:
     B, h, Tq, D = q.shape
     Tk, DV = k.shape[2], v.shape[3]
-    blocks = _block_sizes(q, v)
+    dims = _padded_dims(q, v)
     padding, scale_t, flags = _launch_arguments(q, key_padding_mask, causal, scale)
     out = q.new_empty(B, h, Tq, DV)
     lse = q.new_empty(B, h, Tq, dtype=scale_t.dtype)
-    _flash_attention_forward_kernel[(triton.cdiv(Tq, BLOCK_Q), B * h)](
-        q, k, v, padding, scale_t, out, lse, h, Tq, Tk, D, DV, **flags, **blocks,
-        KEY_BLOCKS=_block_count(Tk, BLOCK_K))
+    block_q, block_k, options = _launch_config("forward", dims, q.dtype)
+    # compiled loops run to a run-time bound, so KEY_BLOCKS (a compile-time constant) is 1 there
+    _flash_attention_forward_kernel[(triton.cdiv(Tq, block_q), B * h)](
+        q, k, v, padding, scale_t, out, lse, h, Tq, Tk, D, DV, **flags, **dims,
+        BLOCK_Q=block_q, BLOCK_K=block_k,
+        KEY_BLOCKS=1 if flags["RUNTIME_LOOP"] else _block_count(Tk, block_k), **options)
     return out, lse
 
 
@@ -302,20 +386,25 @@ def _flash_attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tens
                                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     B, h, Tq, D = q.shape
     Tk, DV = k.shape[2], v.shape[3]
-    blocks = _block_sizes(q, v)
+    dims = _padded_dims(q, v)
     padding, scale_t, flags = _launch_arguments(q, key_padding_mask, causal, scale)
+    runtime = flags["RUNTIME_LOOP"]
     delta = torch.empty_like(lse)
     rows = B * h * Tq
-    _flash_attention_delta_kernel[(triton.cdiv(rows, BLOCK_Q),)](
-        dout, out, delta, rows, DV, ACC=flags["ACC"], BLOCK_ROWS=BLOCK_Q,
-        BLOCK_DV=blocks["BLOCK_DV"])
+    _flash_attention_delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](
+        dout, out, delta, rows, DV, ACC=flags["ACC"], BLOCK_ROWS=DELTA_ROWS,
+        BLOCK_DV=dims["BLOCK_DV"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _flash_attention_dkdv_kernel[(triton.cdiv(Tk, BLOCK_K), B * h)](
+    block_q, block_k, options = _launch_config("dkdv", dims, q.dtype)
+    _flash_attention_dkdv_kernel[(triton.cdiv(Tk, block_k), B * h)](
         q, k, v, padding, scale_t, dout, lse, delta, dk, dv, h, Tq, Tk, D, DV, **flags,
-        **blocks, QUERY_BLOCKS=_block_count(Tq, BLOCK_Q))
-    _flash_attention_dq_kernel[(triton.cdiv(Tq, BLOCK_Q), B * h)](
-        q, k, v, padding, scale_t, dout, lse, delta, dq, h, Tq, Tk, D, DV, **flags, **blocks,
-        KEY_BLOCKS=_block_count(Tk, BLOCK_K))
+        **dims, BLOCK_Q=block_q, BLOCK_K=block_k,
+        QUERY_BLOCKS=1 if runtime else _block_count(Tq, block_q), **options)
+    block_q, block_k, options = _launch_config("dq", dims, q.dtype)
+    _flash_attention_dq_kernel[(triton.cdiv(Tq, block_q), B * h)](
+        q, k, v, padding, scale_t, dout, lse, delta, dq, h, Tq, Tk, D, DV, **flags, **dims,
+        BLOCK_Q=block_q, BLOCK_K=block_k,
+        KEY_BLOCKS=1 if runtime else _block_count(Tk, block_k), **options)
     return dq, dk, dv
 
 
@@ -344,12 +433,19 @@ def _flash_attention_backward_torch(dout: Tensor, q: Tensor, k: Tensor, v: Tenso
 
 # --------------------------------------------------------------------------- custom ops
 
+def _fused(q: Tensor) -> bool:
+    """Whether the op runs the Triton kernels: as ``use_triton``, except that float64 on a GPU
+    takes the torch path (triton 3.6 cannot compile a float64 tl.dot for NVIDIA GPUs: its
+    pass pipeline fails on sm_90, seen on the lent H100; the interpreter runs it)."""
+    return use_triton(q) and (q.dtype != torch.float64 or _INTERPRETED)
+
+
 @torch.library.custom_op("seqtwin::flash_attention", mutates_args=())
 def flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
                        causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(out (B, h, Tq, dv), L (B, h, Tq) in the compute dtype, +inf where a row sees no key)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if use_triton(q):
+    if _fused(q):
         return _flash_attention_forward_triton(q, k, v, key_padding_mask, causal, scale)
     return _flash_attention_forward_torch(q, k, v, key_padding_mask, causal, scale)
 
@@ -367,7 +463,7 @@ def flash_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     """(dq, dk, dv) for dout (B, h, Tq, dv), recomputing P block by block from L."""
     dout = dout.to(q.dtype).contiguous()
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
-    if use_triton(q):
+    if _fused(q):
         return _flash_attention_backward_triton(dout, q, k, v, out, lse, key_padding_mask,
                                                 causal, scale)
     return _flash_attention_backward_torch(dout, q, k, v, out, lse, key_padding_mask, causal,

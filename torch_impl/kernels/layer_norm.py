@@ -124,7 +124,10 @@ def _layer_norm_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, mean: Ten
     _layer_norm_backward_kernel[(programs,)](
         dy, x, weight, mean, rstd, dx, dw_part, db_part, rows, D,
         ROWS_PER_PROGRAM=rows_per_program, ACC=_triton_dtype(mean.dtype),
-        BLOCK_D=triton.next_power_of_2(D))
+        BLOCK_D=triton.next_power_of_2(D),
+        # no fused multiply-add: fused into dx̂ - mean(dx̂), the product dy ⊙ w would skip its
+        # rounding and the difference, exactly 0 at D = 1 (and for constant dx̂), would not be
+        enable_fp_fusion=False)
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
