@@ -30,7 +30,7 @@ CANDIDATES = {
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.float()).norm() / b.float().norm())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,18 +68,20 @@ try:
 except ImportError:
     triton = tl = None
 
-BLOCK_Q = 64        # queries per program (Triton)
+BLOCK_Q = 64        # queries per program (Triton, interpreted; a GPU takes GPU_CONFIGS)
 BLOCK_K = 64        # keys per block (both paths; 64 x 64 score tiles, FlashAttention-2's size)
 MAX_HEAD_DIM = 128  # largest head dim the Triton kernels hold in registers (padded to 2^n)
+# compiled kernels loop to run-time bounds; triton 3.6's interpreter cannot (see above)
+RUNTIME_LOOPS = not _INTERPRETED
 DELTA_ROWS = 64     # rows per program of the backward's D = Σ dout ⊙ out
 # On a GPU: (BLOCK_Q, BLOCK_K, num_warps, num_stages) per kernel, by padded head dim (the
 # smallest key >= it). The forward and dq kernels hold a query block and stream key blocks,
 # dkdv holds a key block and streams query blocks. Chosen by benchmarks/tune_attention.py on
 # the lent H100 (bf16, causal, T 4096); see benchmarks/results/nvidia-h100-80gb-hbm3/.
 GPU_CONFIGS = {
-    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {64: (64, 128, 8, 3), 128: (64, 128, 8, 2)},
-    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+    "forward": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
+    "dkdv": {64: (128, 128, 8, 2), 128: (32, 64, 4, 4)},
+    "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
 }
 
 
@@ -95,33 +97,56 @@ def _dot(a, b, ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr):
 
 
 @jit
-def _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                   HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
-                   IN: tl.constexpr, DOT: tl.constexpr):
-    """S = q kᵀ · s for a (queries, keys) block, -inf at masked, causal-future and absent keys."""
+def _tile(ptr, bh, index, n, dims, width, EVEN_D: tl.constexpr):
+    """Load the (index, head dim) tile of one batch item and head of a (B h, n, width) tensor,
+    0 outside it. With EVEN_D (the head dim fills its padded block) the mask is constant along
+    the contiguous axis, which lets the compiler issue 16-byte loads."""
+    offsets = bh * n * width + index[:, None] * width + dims[None, :]
+    if EVEN_D:
+        return tl.load(ptr + offsets, mask=index[:, None] < n, other=0.0)
+    return tl.load(ptr + offsets, mask=(index[:, None] < n) & (dims[None, :] < width), other=0.0)
+
+
+@jit
+def _store_tile(ptr, value, bh, index, n, dims, width, EVEN_D: tl.constexpr):
+    offsets = bh * n * width + index[:, None] * width + dims[None, :]
+    value = value.to(ptr.dtype.element_ty)
+    if EVEN_D:
+        tl.store(ptr + offsets, value, mask=index[:, None] < n)
+    else:
+        tl.store(ptr + offsets, value, mask=(index[:, None] < n) & (dims[None, :] < width))
+
+
+@jit
+def _scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk, MASK: tl.constexpr,
+            HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+            IN: tl.constexpr, DOT: tl.constexpr):
+    """S = q kᵀ · s for a (queries, keys) block, -inf at padded keys, and with MASK also at
+    causal-future and absent keys. Blocks run without MASK only where every key exists and is
+    in every query's past; their rows past Tq are never stored, or carry L = +inf (P = 0)."""
     s = _dot(q, tl.trans(k), ACC, IN, DOT) * scale
-    visible = (rows[:, None] < Tq) & (cols[None, :] < Tk)
+    if MASK:
+        visible = (rows[:, None] < Tq) & (cols[None, :] < Tk)
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + (Tk - Tq))
+        s = tl.where(visible, s, float("-inf"))
     if HAS_PADDING:
         padded = tl.load(padding_ptr + batch * Tk + cols, mask=cols < Tk, other=1)
-        visible = visible & (padded == 0)[None, :]
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + (Tk - Tq))
-    return tl.where(visible, s, float("-inf"))
+        s = tl.where((padded == 0)[None, :], s, float("-inf"))
+    return s
 
 
 @jit
 def _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale, bh, batch, rows, dims,
-                   vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-                   ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   vdims, Tq, Tk, D, DV, MASK: tl.constexpr, HAS_PADDING: tl.constexpr,
+                   CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
+                   IN: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One key block of the online softmax: (m, l, acc) updated by keys start .. + BLOCK_K."""
     cols = start + tl.arange(0, BLOCK_K)
-    k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-                mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-                mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
-    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    k = _tile(k_ptr, bh, cols, Tk, dims, D, EVEN_D)
+    v = _tile(v_ptr, bh, cols, Tk, vdims, DV, EVEN_D)
+    s = _scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk, MASK, HAS_PADDING, CAUSAL,
+                ACC, IN, DOT)
     m_new = tl.maximum(m, tl.max(s, axis=1))
     # rows that have seen no visible key keep max -inf: shifting them by 0 instead
     # makes their exponentials exactly 0 rather than NaN
@@ -134,20 +159,30 @@ def _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale, bh, ba
 
 
 @jit
+def _first_masked_key(q_block, Tq, Tk, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                      CAUSAL: tl.constexpr):
+    """Keys before the returned multiple of BLOCK_K exist and are visible to every query of
+    the block (the block's first query sees keys j <= its index + Tk - Tq)."""
+    full = Tk
+    if CAUSAL:
+        full = tl.maximum(tl.minimum(Tk, q_block * BLOCK_Q + 1 + (Tk - Tq)), 0)
+    return (full // BLOCK_K) * BLOCK_K
+
+
+@jit
 def _flash_attention_forward_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, out_ptr,
                                     lse_ptr, heads, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr,
-                                    CAUSAL: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr,
-                                    DOT: tl.constexpr, BLOCK_Q: tl.constexpr,
-                                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    BLOCK_DV: tl.constexpr, KEY_BLOCKS: tl.constexpr,
-                                    RUNTIME_LOOP: tl.constexpr):
+                                    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                                    ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
+                                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                    KEY_BLOCKS: tl.constexpr, RUNTIME_LOOP: tl.constexpr):
     q_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     batch = bh // heads
     rows = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims, vdims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < Tq) & (dims[None, :] < D), other=0.0)
+    q = _tile(q_ptr, bh, rows, Tq, dims, D, EVEN_D)
     scale = tl.load(scale_ptr)
     m = tl.full((BLOCK_Q,), float("-inf"), dtype=ACC)
     l = tl.zeros((BLOCK_Q,), dtype=ACC)
@@ -155,23 +190,28 @@ def _flash_attention_forward_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr,
     stop = Tk                                     # keys past stop are in every row's future
     if CAUSAL:
         stop = tl.minimum(Tk, q_block * BLOCK_Q + BLOCK_Q + (Tk - Tq))
-    if RUNTIME_LOOP:                              # compiled: a plain loop the compiler pipelines
-        for start in range(0, stop, BLOCK_K):
+    if RUNTIME_LOOP:    # compiled: plain loops the compiler pipelines, unmasked blocks first
+        full = _first_masked_key(q_block, Tq, Tk, BLOCK_Q, BLOCK_K, CAUSAL)
+        for start in range(0, full, BLOCK_K):
             m, l, acc = _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale,
-                                       bh, batch, rows, dims, vdims, Tq, Tk, D, DV, HAS_PADDING,
-                                       CAUSAL, ACC, IN, DOT, BLOCK_K)
-    else:                                         # interpreted: compile-time bound and an if
+                                       bh, batch, rows, dims, vdims, Tq, Tk, D, DV, False,
+                                       HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT, BLOCK_K)
+        for start in range(full, stop, BLOCK_K):
+            m, l, acc = _forward_block(q, m, l, acc, start, k_ptr, v_ptr, padding_ptr, scale,
+                                       bh, batch, rows, dims, vdims, Tq, Tk, D, DV, True,
+                                       HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT, BLOCK_K)
+    else:               # interpreted: a compile-time bound, an if, every block masked
         for key_block in range(0, KEY_BLOCKS):
             if key_block * BLOCK_K < stop:
                 m, l, acc = _forward_block(q, m, l, acc, key_block * BLOCK_K, k_ptr, v_ptr,
                                            padding_ptr, scale, bh, batch, rows, dims, vdims, Tq,
-                                           Tk, D, DV, HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_K)
+                                           Tk, D, DV, True, HAS_PADDING, CAUSAL, EVEN_D, ACC, IN,
+                                           DOT, BLOCK_K)
     seen = l > 0
     l_safe = tl.where(seen, l, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(seen, m + tl.log(l_safe), float("inf"))
-    tl.store(out_ptr + bh * Tq * DV + rows[:, None] * DV + vdims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < Tq) & (vdims[None, :] < DV))
+    _store_tile(out_ptr, out, bh, rows, Tq, vdims, DV, EVEN_D)
     tl.store(lse_ptr + bh * Tq + rows, lse, mask=rows < Tq)
 
 
@@ -190,24 +230,22 @@ def _flash_attention_delta_kernel(dout_ptr, out_ptr, delta_ptr, n_rows, DV, ACC:
 
 @jit
 def _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr, lse_ptr, delta_ptr, bh,
-                batch, cols, dims, vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr,
-                CAUSAL: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
-                BLOCK_Q: tl.constexpr):
+                batch, cols, dims, vdims, Tq, Tk, D, DV, MASK: tl.constexpr,
+                HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr, BLOCK_Q: tl.constexpr):
     """dk, dv of one key block, accumulated over the queries start .. + BLOCK_Q."""
     rows = start + tl.arange(0, BLOCK_Q)
-    q = tl.load(q_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < Tq) & (dims[None, :] < D), other=0.0)
-    dout = tl.load(dout_ptr + bh * Tq * DV + rows[:, None] * DV + vdims[None, :],
-                   mask=(rows[:, None] < Tq) & (vdims[None, :] < DV), other=0.0)
+    q = _tile(q_ptr, bh, rows, Tq, dims, D, EVEN_D)
+    dout = _tile(dout_ptr, bh, rows, Tq, vdims, DV, EVEN_D)
     lse = tl.load(lse_ptr + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(delta_ptr + bh * Tq + rows, mask=rows < Tq, other=0.0)
-    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    s = _scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk, MASK, HAS_PADDING, CAUSAL,
+                ACC, IN, DOT)
     p = tl.exp(s - lse[:, None])          # 0 at masked keys and at rows with L = +inf
-    dv += _dot(tl.trans(p), dout, ACC, IN, DOT)         # out = P v
+    dv += _dot(tl.trans(p), dout, ACC, IN, DOT)                  # out = P v
     dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
     ds = p * (dp - delta[:, None])                               # P = softmax(S)
-    dk += _dot(tl.trans(ds), q, ACC, IN, DOT)           # S = q kᵀ · s
+    dk += _dot(tl.trans(ds), q, ACC, IN, DOT)                    # S = q kᵀ · s
     return dk, dv
 
 
@@ -215,56 +253,66 @@ def _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr, lse_pt
 def _flash_attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout_ptr, lse_ptr,
                                  delta_ptr, dk_ptr, dv_ptr, heads, Tq, Tk, D, DV,
                                  HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-                                 ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
-                                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 EVEN_D: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr,
+                                 DOT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                  QUERY_BLOCKS: tl.constexpr, RUNTIME_LOOP: tl.constexpr):
     k_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     batch = bh // heads
-    cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    key0 = k_block * BLOCK_K
+    cols = key0 + tl.arange(0, BLOCK_K)
     dims, vdims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-                mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-                mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
+    k = _tile(k_ptr, bh, cols, Tk, dims, D, EVEN_D)
+    v = _tile(v_ptr, bh, cols, Tk, vdims, DV, EVEN_D)
     scale = tl.load(scale_ptr)
     dk = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
     dv = tl.zeros((BLOCK_K, BLOCK_DV), dtype=ACC)
     first = 0                                     # queries before first see none of these keys
     if CAUSAL:
-        first = tl.maximum(k_block * BLOCK_K - (Tk - Tq), 0)
+        first = tl.maximum(key0 - (Tk - Tq), 0)
     if RUNTIME_LOOP:
-        for start in range((first // BLOCK_Q) * BLOCK_Q, Tq, BLOCK_Q):
+        first = (first // BLOCK_Q) * BLOCK_Q
+        # query blocks from `full` on see every key of this block (its last key is in the past
+        # of their first query), so only [first, full) needs masks; all do if keys run past Tk
+        full = first
+        if CAUSAL:
+            last_key = key0 + BLOCK_K - 1 - (Tk - Tq)
+            full = tl.maximum(tl.cdiv(tl.maximum(last_key, 0), BLOCK_Q) * BLOCK_Q, first)
+        if key0 + BLOCK_K > Tk:
+            full = Tq
+        full = tl.minimum(full, Tq)
+        for start in range(first, full, BLOCK_Q):
             dk, dv = _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr,
                                  lse_ptr, delta_ptr, bh, batch, cols, dims, vdims, Tq, Tk, D, DV,
-                                 HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_Q)
+                                 True, HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT, BLOCK_Q)
+        for start in range(full, Tq, BLOCK_Q):
+            dk, dv = _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr,
+                                 lse_ptr, delta_ptr, bh, batch, cols, dims, vdims, Tq, Tk, D, DV,
+                                 False, HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT, BLOCK_Q)
     else:
         for query_block in range(0, QUERY_BLOCKS):
             start = query_block * BLOCK_Q
             if (start < Tq) & (start + BLOCK_Q > first):
                 dk, dv = _dkdv_block(k, v, dk, dv, start, q_ptr, padding_ptr, scale, dout_ptr,
                                      lse_ptr, delta_ptr, bh, batch, cols, dims, vdims, Tq, Tk,
-                                     D, DV, HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_Q)
-    inside_k = (cols[:, None] < Tk) & (dims[None, :] < D)
-    tl.store(dk_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=inside_k)
-    tl.store(dv_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=(cols[:, None] < Tk) & (vdims[None, :] < DV))
+                                     D, DV, True, HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT,
+                                     BLOCK_Q)
+    _store_tile(dk_ptr, dk * scale, bh, cols, Tk, dims, D, EVEN_D)
+    _store_tile(dv_ptr, dv, bh, cols, Tk, vdims, DV, EVEN_D)
 
 
 @jit
 def _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, bh, batch, rows,
-              dims, vdims, Tq, Tk, D, DV, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-              ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+              dims, vdims, Tq, Tk, D, DV, MASK: tl.constexpr, HAS_PADDING: tl.constexpr,
+              CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr,
+              DOT: tl.constexpr, BLOCK_K: tl.constexpr):
     """dq of one query block, accumulated over the keys start .. + BLOCK_K."""
     cols = start + tl.arange(0, BLOCK_K)
-    k = tl.load(k_ptr + bh * Tk * D + cols[:, None] * D + dims[None, :],
-                mask=(cols[:, None] < Tk) & (dims[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + bh * Tk * DV + cols[:, None] * DV + vdims[None, :],
-                mask=(cols[:, None] < Tk) & (vdims[None, :] < DV), other=0.0)
-    s = _masked_scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk,
-                       HAS_PADDING, CAUSAL, ACC, IN, DOT)
+    k = _tile(k_ptr, bh, cols, Tk, dims, D, EVEN_D)
+    v = _tile(v_ptr, bh, cols, Tk, vdims, DV, EVEN_D)
+    s = _scores(q, k, scale, rows, cols, padding_ptr, batch, Tq, Tk, MASK, HAS_PADDING, CAUSAL,
+                ACC, IN, DOT)
     p = tl.exp(s - lse[:, None])
     dp = _dot(dout, tl.trans(v), ACC, IN, DOT)
     ds = p * (dp - delta[:, None])
@@ -276,8 +324,8 @@ def _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, 
 def _flash_attention_dq_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout_ptr, lse_ptr,
                                delta_ptr, dq_ptr, heads, Tq, Tk, D, DV,
                                HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr,
-                               ACC: tl.constexpr, IN: tl.constexpr, DOT: tl.constexpr,
-                               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                               EVEN_D: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr,
+                               DOT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                KEY_BLOCKS: tl.constexpr, RUNTIME_LOOP: tl.constexpr):
     q_block = tl.program_id(0)
@@ -285,10 +333,8 @@ def _flash_attention_dq_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout
     batch = bh // heads
     rows = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims, vdims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
-                mask=(rows[:, None] < Tq) & (dims[None, :] < D), other=0.0)
-    dout = tl.load(dout_ptr + bh * Tq * DV + rows[:, None] * DV + vdims[None, :],
-                   mask=(rows[:, None] < Tq) & (vdims[None, :] < DV), other=0.0)
+    q = _tile(q_ptr, bh, rows, Tq, dims, D, EVEN_D)
+    dout = _tile(dout_ptr, bh, rows, Tq, vdims, DV, EVEN_D)
     lse = tl.load(lse_ptr + bh * Tq + rows, mask=rows < Tq, other=float("inf"))
     delta = tl.load(delta_ptr + bh * Tq + rows, mask=rows < Tq, other=0.0)
     scale = tl.load(scale_ptr)
@@ -297,19 +343,22 @@ def _flash_attention_dq_kernel(q_ptr, k_ptr, v_ptr, padding_ptr, scale_ptr, dout
     if CAUSAL:
         stop = tl.minimum(Tk, q_block * BLOCK_Q + BLOCK_Q + (Tk - Tq))
     if RUNTIME_LOOP:
-        for start in range(0, stop, BLOCK_K):
+        full = _first_masked_key(q_block, Tq, Tk, BLOCK_Q, BLOCK_K, CAUSAL)
+        for start in range(0, full, BLOCK_K):
             dq = _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, bh,
-                           batch, rows, dims, vdims, Tq, Tk, D, DV, HAS_PADDING, CAUSAL, ACC, IN,
-                           DOT, BLOCK_K)
+                           batch, rows, dims, vdims, Tq, Tk, D, DV, False, HAS_PADDING, CAUSAL,
+                           EVEN_D, ACC, IN, DOT, BLOCK_K)
+        for start in range(full, stop, BLOCK_K):
+            dq = _dq_block(q, dout, lse, delta, dq, start, k_ptr, v_ptr, padding_ptr, scale, bh,
+                           batch, rows, dims, vdims, Tq, Tk, D, DV, True, HAS_PADDING, CAUSAL,
+                           EVEN_D, ACC, IN, DOT, BLOCK_K)
     else:
         for key_block in range(0, KEY_BLOCKS):
             if key_block * BLOCK_K < stop:
                 dq = _dq_block(q, dout, lse, delta, dq, key_block * BLOCK_K, k_ptr, v_ptr,
                                padding_ptr, scale, bh, batch, rows, dims, vdims, Tq, Tk, D, DV,
-                               HAS_PADDING, CAUSAL, ACC, IN, DOT, BLOCK_K)
-    tl.store(dq_ptr + bh * Tq * D + rows[:, None] * D + dims[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=(rows[:, None] < Tq) & (dims[None, :] < D))
+                               True, HAS_PADDING, CAUSAL, EVEN_D, ACC, IN, DOT, BLOCK_K)
+    _store_tile(dq_ptr, dq * scale, bh, rows, Tq, dims, D, EVEN_D)
 
 
 # --------------------------------------------------------------------------- launch wrappers
@@ -359,7 +408,7 @@ def _launch_arguments(q: Tensor, key_padding_mask: Tensor | None, causal: bool, 
     flags = dict(HAS_PADDING=key_padding_mask is not None, CAUSAL=causal,
                  ACC=_triton_dtype(acc), IN=_triton_dtype(q.dtype),
                  DOT=tl.float32 if interpreted_bf16 else _triton_dtype(q.dtype),
-                 RUNTIME_LOOP=not _INTERPRETED)
+                 RUNTIME_LOOP=RUNTIME_LOOPS)
     return padding, scale_t, flags
 
 
@@ -370,6 +419,7 @@ def _flash_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor,
     Tk, DV = k.shape[2], v.shape[3]
     dims = _padded_dims(q, v)
     padding, scale_t, flags = _launch_arguments(q, key_padding_mask, causal, scale)
+    flags["EVEN_D"] = (D, DV) == (dims["BLOCK_D"], dims["BLOCK_DV"])
     out = q.new_empty(B, h, Tq, DV)
     lse = q.new_empty(B, h, Tq, dtype=scale_t.dtype)
     block_q, block_k, options = _launch_config("forward", dims, q.dtype)
@@ -388,6 +438,7 @@ def _flash_attention_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tens
     Tk, DV = k.shape[2], v.shape[3]
     dims = _padded_dims(q, v)
     padding, scale_t, flags = _launch_arguments(q, key_padding_mask, causal, scale)
+    flags["EVEN_D"] = (D, DV) == (dims["BLOCK_D"], dims["BLOCK_DV"])
     runtime = flags["RUNTIME_LOOP"]
     delta = torch.empty_like(lse)
     rows = B * h * Tq

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, shape_str
-from . import compute_dtype, jit, use_triton
+from . import _INTERPRETED, compute_dtype, jit, use_triton
 
 try:
     import triton
@@ -92,6 +92,19 @@ def _layer_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr
 
 # --------------------------------------------------------------------------- launch wrappers
 
+# The backward's programs (each a run of rows and one partial dw, db): enough to fill a GPU
+# (the interpreter runs them one by one, so fewer there)
+MAX_BACKWARD_PROGRAMS = 256 if _INTERPRETED else 1024
+
+
+def _launch_options(D: int) -> dict:
+    """Warps per program on a GPU: one per 256 elements of the row, 1 to 8 (as triton's
+    layer-norm tutorial), so a long row is not left to 4 warps."""
+    if _INTERPRETED:
+        return {}
+    return dict(num_warps=min(max(triton.next_power_of_2(D) // 256, 1), 8))
+
+
 def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -107,7 +120,7 @@ def _layer_norm_forward_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: flo
     eps_t = torch.full((1,), eps, dtype=acc, device=x.device)
     _layer_norm_forward_kernel[(rows,)](
         x, weight, bias, eps_t, y, mean, rstd, D,
-        ACC=_triton_dtype(acc), BLOCK_D=triton.next_power_of_2(D))
+        ACC=_triton_dtype(acc), BLOCK_D=triton.next_power_of_2(D), **_launch_options(D))
     return y, mean, rstd
 
 
@@ -116,7 +129,7 @@ def _layer_norm_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, mean: Ten
     rows, D = x.shape
     # the rows per program are a compile-time constant (a power of two, so few variants): loop
     # bounds read at run time break triton 3.6's interpreter under numpy >= 2.4
-    rows_per_program = triton.next_power_of_2(triton.cdiv(rows, 256))
+    rows_per_program = triton.next_power_of_2(triton.cdiv(rows, MAX_BACKWARD_PROGRAMS))
     programs = triton.cdiv(rows, rows_per_program)
     dx = torch.empty_like(x)
     dw_part = torch.empty(programs, D, dtype=mean.dtype, device=x.device)
@@ -127,7 +140,7 @@ def _layer_norm_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, mean: Ten
         BLOCK_D=triton.next_power_of_2(D),
         # no fused multiply-add: fused into dx̂ - mean(dx̂), the product dy ⊙ w would skip its
         # rounding and the difference, exactly 0 at D = 1 (and for constant dx̂), would not be
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, **_launch_options(D))
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
