@@ -38,13 +38,16 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 for s in "$@"; do
     case $s in
     tests)
-        stage tests_kernels 100 $PY -m pytest -q -p no:cacheprovider -n 8 \
+        stage tests_kernels 150 $PY -m pytest -q -p no:cacheprovider -n 16 \
             parity_tests/test_kernels_attention.py parity_tests/test_kernels_cross_entropy.py \
             parity_tests/test_kernels_layer_norm.py parity_tests/test_kernels_lstm_step.py \
             parity_tests/test_kernels_gru_step.py parity_tests/test_kernels_dispatch.py \
             --junitxml="$OUT/tests_kernels.xml"
         stage tests_gpu 90 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests \
             --junitxml="$OUT/tests_gpu.xml" ;;
+    memcheck)
+        stage memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
+            $PY -m benchmarks.kernel_smoke ;;
     sanitize)
         stage memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
             $PY -m benchmarks.kernel_smoke
@@ -52,6 +55,8 @@ for s in "$@"; do
             $PY -m benchmarks.kernel_smoke --ops attention ;;
     tune)
         stage tune 120 $PY -m benchmarks.tune_attention --dtype bfloat16 --length 4096 ;;
+    tune32)
+        stage tune32 120 $PY -m benchmarks.tune_attention --dtype float32 --length 2048 ;;
     kernels)
         stage kernels_bf16 150 $PY -m benchmarks.bench_kernels --device cuda \
             --dtypes bfloat16 --out "$RESULTS"

@@ -1,8 +1,8 @@
-"""Choose the GPU launch configurations of the fused attention kernels (``GPU_CONFIGS`` in
-``torch_impl/kernels/attention.py``): for each kernel (forward, dkdv, dq) and head dim, time
-candidate (BLOCK_Q, BLOCK_K, num_warps, num_stages) with the other kernels at their current
-configuration, check every candidate's output and gradients against F.sdpa, and print the
-fastest as a GPU_CONFIGS literal. Needs a CUDA device::
+"""Choose the GPU launch configurations of the fused attention kernels (``GPU_CONFIGS`` and
+``GPU_CONFIGS_FLOAT32`` in ``torch_impl/kernels/attention.py``): for each kernel (forward,
+dkdv, dq) and head dim, time candidate (BLOCK_Q, BLOCK_K, num_warps, num_stages) with the
+other kernels at their current configuration, check every candidate's output and gradients
+against F.sdpa, and print the fastest as a literal for the table. Needs a CUDA device::
 
     python -m benchmarks.tune_attention --dtype bfloat16 --length 4096
 
@@ -20,12 +20,14 @@ import torch.nn.functional as F
 import torch_impl.kernels.attention as kat
 
 CANDIDATES = {
-    "forward": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
-                (128, 32, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-             (128, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3)],
-    "dq": [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-           (64, 128, 4, 3), (128, 32, 8, 3)],
+    "forward": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3),
+                (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+                (128, 64, 4, 4), (128, 128, 8, 2)],
+    "dkdv": [(16, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3),
+             (64, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4), (128, 128, 8, 2),
+             (64, 128, 8, 2), (32, 128, 8, 3)],
+    "dq": [(64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+           (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 8, 3)],
 }
 
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA device")
     dtype = getattr(torch, args.dtype)
     best = {kernel: {} for kernel in CANDIDATES}
+    configs = kat.GPU_CONFIGS_FLOAT32 if dtype == torch.float32 else kat.GPU_CONFIGS
     for d in (int(s) for s in args.head_dims.split(",")):
         B, h, T = args.batch, args.heads, args.length
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         out, lse = kat.flash_attention_op(q, k, v, None, True, d ** -0.5)
         for kernel, candidates in CANDIDATES.items():
             width = max(16, d)
-            saved = kat.GPU_CONFIGS[kernel].get(width)
+            saved = configs[kernel].get(width)
             results = []
             for config in candidates:
-                kat.GPU_CONFIGS[kernel][width] = config
+                configs[kernel][width] = config
                 try:
                     if kernel == "forward":
                         fn = lambda: kat.flash_attention_op(q, k, v, None, True, d ** -0.5)  # noqa
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((ms, config, err, ok))
                 print(f"  d={d:3d} {kernel:7s} {config}: {ms:8.3f} ms  err vs sdpa {err:.1e}"
                       f"{'' if ok else '  WRONG'}", file=sys.stderr, flush=True)
-            kat.GPU_CONFIGS[kernel][width] = saved
+            configs[kernel][width] = saved
             good = sorted(r for r in results if r[3])
             if good:
                 best[kernel][width] = good[0][1]
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(current {saved}: "
                       f"{next((f'{r[0]:.3f} ms' for r in results if r[1] == saved), '-')})",
                       flush=True)
-    print("GPU_CONFIGS =", best)
+    print("GPU_CONFIGS_FLOAT32 =" if dtype == torch.float32 else "GPU_CONFIGS =", best)
     return 0
 
 

@@ -83,6 +83,12 @@ GPU_CONFIGS = {
     "dkdv": {64: (128, 128, 8, 2), 128: (32, 64, 4, 4)},
     "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
 }
+# float32 (IEEE, no tensor cores) holds tiles of twice the bytes: smaller blocks
+GPU_CONFIGS_FLOAT32 = {
+    "forward": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)},
+    "dkdv": {64: (32, 64, 4, 2), 128: (32, 64, 4, 2)},
+    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2)},
+}
 
 
 
@@ -384,16 +390,13 @@ def _block_count(length: int, block: int) -> int:
 
 def _launch_config(kernel: str, dims: dict, dtype: torch.dtype) -> tuple[int, int, dict]:
     """(BLOCK_Q, BLOCK_K, launch options) of one kernel. The interpreter takes the module's
-    BLOCK_Q x BLOCK_K (tests shrink them); a GPU takes GPU_CONFIGS[kernel] for the padded
-    head dim (float32 halves the key block: IEEE float32 tiles take twice the registers)."""
+    BLOCK_Q x BLOCK_K (tests shrink them); a GPU takes GPU_CONFIGS (GPU_CONFIGS_FLOAT32 for
+    float32) of the kernel at the padded head dim."""
     if _INTERPRETED:
         return BLOCK_Q, BLOCK_K, {}
     width = max(dims["BLOCK_D"], dims["BLOCK_DV"])
-    block_q, block_k, warps, stages = GPU_CONFIGS[kernel][min(w for w in GPU_CONFIGS[kernel]
-                                                              if w >= width)]
-    if dtype == torch.float32:
-        block_q, block_k = (block_q // 2, block_k) if kernel == "dkdv" else (block_q,
-                                                                             block_k // 2)
+    table = (GPU_CONFIGS_FLOAT32 if dtype == torch.float32 else GPU_CONFIGS)[kernel]
+    block_q, block_k, warps, stages = table[min(w for w in table if w >= width)]
     return block_q, block_k, dict(num_warps=warps, num_stages=stages)
 
 
