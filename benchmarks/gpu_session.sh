@@ -37,14 +37,14 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 for s in "$@"; do
     case $s in
+    tests_gpu)
+        stage tests_gpu 90 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests ;;
     tests)
         stage tests_kernels 150 $PY -m pytest -q -p no:cacheprovider -n 16 \
             parity_tests/test_kernels_attention.py parity_tests/test_kernels_cross_entropy.py \
             parity_tests/test_kernels_layer_norm.py parity_tests/test_kernels_lstm_step.py \
-            parity_tests/test_kernels_gru_step.py parity_tests/test_kernels_dispatch.py \
-            --junitxml="$OUT/tests_kernels.xml"
-        stage tests_gpu 90 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests \
-            --junitxml="$OUT/tests_gpu.xml" ;;
+            parity_tests/test_kernels_gru_step.py parity_tests/test_kernels_dispatch.py
+        stage tests_gpu 90 $PY -m pytest -q -p no:cacheprovider -n 8 -m gpu parity_tests ;;
     memcheck)
         stage memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
             $PY -m benchmarks.kernel_smoke ;;
@@ -57,6 +57,9 @@ for s in "$@"; do
         stage tune 120 $PY -m benchmarks.tune_attention --dtype bfloat16 --length 4096 ;;
     tune32)
         stage tune32 120 $PY -m benchmarks.tune_attention --dtype float32 --length 2048 ;;
+    kernels32)
+        stage kernels_fp32 100 $PY -m benchmarks.bench_kernels --device cuda \
+            --dtypes float32 --lengths 2048 --out "$RESULTS" ;;
     kernels)
         stage kernels_bf16 150 $PY -m benchmarks.bench_kernels --device cuda \
             --dtypes bfloat16 --out "$RESULTS"
