@@ -29,6 +29,13 @@ P = e^{S - L} from q, k and L (FlashAttention-2):
 so no (Tq, Tk) tensor larger than one (Tq, block_k) block exists in either pass. bf16/fp16
 inputs are computed in float32 (scores, softmax statistics, accumulators) and cast back.
 
+On the CPU, float32/float64 attention with dv = d and no mask but a causal one with Tq = Tk
+(no attn_mask, key padding or dropout) runs ATen's fused CPU flash-attention forward and
+backward instead of the Python loop (``_aten_flash_fits``): the same blocked online softmax,
+saving the same L, in C++ and with the causal future skipped, 2-3x faster. On CUDA,
+``scaled_dot_product_attention`` sends the mask-free and causal cases to the Triton kernels of
+``kernels/attention.py``.
+
 Multi-head attention (batch-first, torch.nn.MultiheadAttention's parameters):
 
     Q = query W_qᵀ + b_q            K = key W_kᵀ + b_k            V = value W_vᵀ + b_v
@@ -182,8 +189,25 @@ def _dropped(p: Tensor, masks: AttentionMasks, start: int, stop: int) -> Tensor:
     return torch.where(masks.keep_mask[..., start:stop], p * masks.keep_scale, 0.0)
 
 
+def _aten_flash_fits(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> bool:
+    """Whether ATen's fused CPU flash-attention kernels compute exactly this attention: CPU
+    float32/float64, dv = d, no attn_mask, key padding or dropout, and causal only with
+    Tq = Tk (ATen aligns the causal mask top-left, this module bottom-right; they agree when
+    Tq = Tk). Then no row is fully masked, and ATen's (out, logsumexp) are (out, L) here."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and q.shape[-1] == v.shape[-1] and masks.attn_mask is None
+            and masks.key_padding_mask is None and masks.keep_mask is None
+            and (not masks.causal or q.shape[-2] == k.shape[-2]))
+
+
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float,
                        block_k: int) -> tuple[Tensor, AttentionCache]:
+    if _aten_flash_fits(q, k, v, masks):
+        # the same blocked online softmax in ATen's C++ (what F.scaled_dot_product_attention
+        # runs on the CPU), with causal blocks skipped: 2-3x the Python loop below
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, masks.causal, attn_mask=None, scale=scale)[:2]
+        return out, AttentionCache(q, k, v, out, lse, masks, scale, block_k)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     tk = k.shape[-2]
@@ -211,6 +235,10 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, s
 
 def _attention_backward(dout: Tensor, cache: AttentionCache) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v, out, lse, masks, scale, block_k = cache
+    if _aten_flash_fits(q, k, v, masks) and lse.dtype == q.dtype:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, masks.causal, attn_mask=None,
+            scale=scale)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc, do = q.to(compute), k.to(compute), v.to(compute), dout.to(compute)
     tk = k.shape[-2]
