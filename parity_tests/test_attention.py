@@ -8,6 +8,7 @@ F.scaled_dot_product_attention and torch.nn.MultiheadAttention; fully masked row
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -201,6 +202,21 @@ def test_torch_impl_attention_float64_matches_reference(config: AttentionConfig,
     expected = run_reference_attention_with_condition(inputs, FLOAT64_CONDITION_LIMIT)
     actual = run_torch_impl_attention(inputs, block_k=block_k)
     assert actual[0].dtype == torch.float64
+    assert_attention_close(actual, expected, TORCH64_VS_REF64)
+
+
+@given(config=attention_configs(), block_k=st.sampled_from([1, 3, 8, tim.BLOCK_K]))
+@example(config=LARGE_LOGITS, block_k=4)
+@example(config=SINGLE_QUERY, block_k=1)
+def test_blocked_loop_matches_reference_where_aten_kernels_would_run(config: AttentionConfig,
+                                                                    block_k: int) -> None:
+    """The CPU sends unmasked (and causal Tq = Tk) float attention to ATen's flash kernels
+    (_aten_flash_fits); the blocked Python loop, forced here, still matches the reference
+    on those inputs, so both paths stay tested (issue #5)."""
+    inputs = build_attention_inputs(config)
+    expected = run_reference_attention_with_condition(inputs, FLOAT64_CONDITION_LIMIT)
+    with mock.patch.object(tim, "_aten_flash_fits", lambda *args: False):
+        actual = run_torch_impl_attention(inputs, block_k=block_k)
     assert_attention_close(actual, expected, TORCH64_VS_REF64)
 
 
