@@ -388,3 +388,24 @@ def test_non_finite_logits_raise(backend: tuple, decoder: str) -> None:
             lib.sample_decode(step, state, bos, 2, seed=0)
         else:
             lib.beam_search(step, state, bos, 2, 2)
+
+
+# ----------------------------------------------------------------------------- stable top-k
+
+@given(data=st.data(), rows=st.integers(1, 3), width=st.integers(1, 40))
+@example(data=None, rows=1, width=1)
+def test_stable_top_equals_a_full_stable_sort(data, rows: int, width: int) -> None:
+    """Beam search's selection (torch_impl.decoding._stable_top, topk plus a small sort) picks
+    what numpy's stable argsort of the whole row picks (the reference's rule): the k best,
+    best first, ties by lower index, -inf included (issue #5)."""
+    if data is None:  # the explicit example: one entry
+        x, k = np.array([[-np.inf]]), 1
+    else:
+        # few distinct values, so ties are common; -inf as EOS-masked candidates are
+        x = np.array(data.draw(st.lists(st.sampled_from([-np.inf, -2.0, -1.0, -0.5, 0.0]),
+                                        min_size=rows * width, max_size=rows * width)),
+                     dtype=np.float64).reshape(rows, width)
+        k = data.draw(st.integers(1, width))
+    expected = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    actual = tim._stable_top(torch.from_numpy(x), k).numpy()
+    np.testing.assert_array_equal(actual, expected)

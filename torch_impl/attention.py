@@ -193,11 +193,12 @@ def _aten_flash_fits(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> 
     """Whether ATen's fused CPU flash-attention kernels compute exactly this attention: CPU
     float32/float64, dv = d, no attn_mask, key padding or dropout, and causal only with
     Tq = Tk (ATen aligns the causal mask top-left, this module bottom-right; they agree when
-    Tq = Tk). Then no row is fully masked, and ATen's (out, logsumexp) are (out, L) here."""
+    Tq = Tk) or Tq = 1 (a decoder step: its one query sees every key, so the mask is empty).
+    Then no row is fully masked, and ATen's (out, logsumexp) are (out, L) here."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and q.shape[-1] == v.shape[-1] and masks.attn_mask is None
             and masks.key_padding_mask is None and masks.keep_mask is None
-            and (not masks.causal or q.shape[-2] == k.shape[-2]))
+            and (not masks.causal or q.shape[-2] in (1, k.shape[-2])))
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float,
@@ -206,7 +207,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, s
         # the same blocked online softmax in ATen's C++ (what F.scaled_dot_product_attention
         # runs on the CPU), with causal blocks skipped: 2-3x the Python loop below
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, masks.causal, attn_mask=None, scale=scale)[:2]
+            q, k, v, 0.0, masks.causal and q.shape[-2] > 1, attn_mask=None, scale=scale)[:2]
         return out, AttentionCache(q, k, v, out, lse, masks, scale, block_k)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
@@ -237,8 +238,8 @@ def _attention_backward(dout: Tensor, cache: AttentionCache) -> tuple[Tensor, Te
     q, k, v, out, lse, masks, scale, block_k = cache
     if _aten_flash_fits(q, k, v, masks) and lse.dtype == q.dtype:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, masks.causal, attn_mask=None,
-            scale=scale)
+            dout.contiguous(), q, k, v, out, lse, 0.0, masks.causal and q.shape[-2] > 1,
+            attn_mask=None, scale=scale)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc, do = q.to(compute), k.to(compute), v.to(compute), dout.to(compute)
     tk = k.shape[-2]

@@ -139,9 +139,10 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     positions = torch.arange(vocab, device=logits.device)
     z = logits / temperature
     p = torch.softmax(z, dim=1)
-    order = torch.argsort(z, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
     keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k is not None or top_p is not None:  # the ranks cost a sort of every row
+        order = torch.argsort(z, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
     if top_k is not None:
         keep &= rank < top_k
     if top_p is not None:
@@ -198,6 +199,22 @@ def sample_decode(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int
                                                    top_k, top_p))
 
 
+def _stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``argsort(x, dim=1, descending=True, stable=True)[:, :k]`` (the k largest of each row of
+    x (N, M), largest first, ties by lower index) without sorting whole rows: the k-th largest
+    value by topk, every entry above it and the first ties at it in index order, then a sort
+    of those k. A beam step's rows hold beams x vocab entries, where the full sort was most
+    of the decoder's time."""
+    if k >= x.shape[1] or bool(torch.isnan(x).any()):
+        return torch.argsort(x, dim=1, descending=True, stable=True)[:, :k]
+    kth = torch.topk(x, k, dim=1).values[:, -1:]
+    above, tie = x > kth, x == kth
+    keep = above | (tie & (torch.cumsum(tie, dim=1) <= k - above.sum(dim=1, keepdim=True)))
+    chosen = keep.nonzero()[:, 1].reshape(x.shape[0], k)  # row-major: ascending per row
+    order = torch.argsort(x.gather(1, chosen), dim=1, descending=True, stable=True)
+    return chosen.gather(1, order)
+
+
 def _merge_pool(pool: BeamResult, scores: torch.Tensor, tokens: torch.Tensor,
                 length: int) -> BeamResult:
     """Keep the n_best best of the pool and the new hypotheses (B, M); ties keep the older."""
@@ -251,7 +268,7 @@ def beam_search(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int,
         if eos_id is not None:
             # the beams emitting EOS: EOS extensions ranked among the beam_size best candidates
             flat = candidates.reshape(batch, beams * vocab)
-            top = torch.argsort(flat, dim=1, descending=True, stable=True)[:, :beams]
+            top = _stable_top(flat, beams)
             ended_scores = torch.where((top % vocab == eos_id) & ~done[:, None],
                                        flat.gather(1, top) / (t + 1) ** alpha, -math.inf)
             ended = history.gather(1, (top // vocab)[:, :, None].expand(-1, -1, steps)).clone()
@@ -259,7 +276,7 @@ def beam_search(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int,
             pool = _merge_pool(pool, ended_scores, ended, t + 1)
             candidates[:, :, eos_id] = -math.inf  # an EOS extension is finished, never live
         flat = candidates.reshape(batch, beams * vocab)
-        best = torch.argsort(flat, dim=1, descending=True, stable=True)[:, :beams]
+        best = _stable_top(flat, beams)
         parent, token = best // vocab, best % vocab
         beam_scores = flat.gather(1, best)
         history = history.gather(1, parent[:, :, None].expand(-1, -1, steps)).clone()
