@@ -168,6 +168,17 @@ def test_step_rejects_bad_tokens_and_state_naming_them(backend: str) -> None:
         model.init_state(0)
 
 
+def test_nan_weights_reach_the_decoder_as_a_clear_error_naming_logits() -> None:
+    """A torch_impl GPT step skips the NaN scans of its own intermediates (trusted_values);
+    NaN weights still stop decoding with a ValueError naming the logits, not garbage tokens."""
+    model = tim.GPT(tim.GPTConfig(**SIZES), dtype=torch.float64).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits: contains NaN"):
+        tim_decoding.greedy_decode(model.step, model.init_state(2),
+                                   torch.zeros(2, dtype=torch.int64), 3)
+
+
 # ----------------------------------------------------------------------------- decoders
 
 @BACKENDS

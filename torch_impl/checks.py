@@ -7,12 +7,15 @@ what was expected. Internals trust their inputs.
 
 Value checks (finiteness, index ranges) read the data, which costs a device
 sync on CUDA; they are skipped while ``torch.compile`` traces, where data is
-symbolic.
+symbolic, and inside ``trusted_values()``, where a module's own intermediates go through public
+functions.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -21,6 +24,22 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
+
+
+_trusted = threading.local()
+
+
+@contextmanager
+def trusted_values() -> Iterator[None]:
+    """Within the block, ``check_float_tensor`` skips its NaN/inf scan: for a module's own
+    intermediate tensors (a decoder step's q, k, v), made from inputs it validated, where the
+    scan would cost more than the small ops it guards. Shapes and dtypes are still checked."""
+    previous = getattr(_trusted, "on", False)
+    _trusted.on = True
+    try:
+        yield
+    finally:
+        _trusted.on = previous
 
 
 def shape_str(shape: Sequence[object]) -> str:
@@ -49,7 +68,8 @@ def check_float_tensor(name: str, x: object, shape: Sequence[object] | None = No
     # a finite sum means finite elements (NaN and ±inf propagate), and the sum reads x once
     # (~40x cheaper than isfinite(x).all()); only a non-finite sum, which all-finite huge
     # values can also overflow to, pays for the exact elementwise check
-    if finite and not _tracing() and not bool(torch.isfinite(x.sum())):
+    if (finite and not _tracing() and not getattr(_trusted, "on", False)
+            and not bool(torch.isfinite(x.sum()))):
         nonfinite = ~torch.isfinite(x)
         if bool(nonfinite.any()):
             bad = torch.nonzero(nonfinite)[0]

@@ -253,5 +253,13 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     # absent affine parameters become constants (their gradients are computed and dropped)
     weight = x.new_ones(features) if weight is None else weight
     bias = x.new_zeros(features) if bias is None else bias
-    y, _, _ = layer_norm_op(x.reshape(-1, features), weight, bias, float(eps))
+    rows = x.reshape(-1, features)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or bias.requires_grad)
+            or torch.compiler.is_compiling() or use_triton(x)):
+        # no autograd, no graph, the torch path: call it without the op's dispatch, which
+        # costs more than the op itself on a decoder step's rows
+        y, _, _ = _layer_norm_forward_torch(rows, weight, bias, float(eps))
+        return y.reshape(x.shape)
+    y, _, _ = layer_norm_op(rows, weight, bias, float(eps))
     return y.reshape(x.shape)
