@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import reference.activations as ref
 import torch_impl.activations as tim
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import float32_exact, normal_arrays, shapes, to_torch
+from parity_tests.strategies import float32_exact, normal_arrays, shapes, to_torch
 from parity_tests.tolerances import (
     REF_VS_FINITE_DIFF,
     TORCH32_VS_REF64,

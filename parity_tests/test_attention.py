@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import reference.attention as ref
 import torch_impl.attention as tim
 from parity_tests.parity import assert_close, to_numpy
-from parity_tests.strategies_attention import (
+from parity_tests.strategies import (
     AttentionConfig,
     AttentionInputs,
     MaskConfig,
@@ -29,10 +29,11 @@ from parity_tests.strategies_attention import (
     attention_configs,
     build_attention_inputs,
     build_mha_inputs,
+    float32_exact,
     masked_keys,
     mha_configs,
+    to_torch,
 )
-from parity_tests.strategies_blocks import float32_exact, to_torch
 from parity_tests.tolerances import (
     REF_VS_FINITE_DIFF,
     TORCH32_VS_REF64,

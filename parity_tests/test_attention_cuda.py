@@ -14,7 +14,7 @@ from hypothesis import example, given
 
 import torch_impl.attention as tim
 
-from .strategies_attention import (
+from .strategies import (
     AttentionConfig,
     MaskConfig,
     attention_configs,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import reference.decoding as ref
 import torch_impl.decoding as tim
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import seeds
+from parity_tests.strategies import seeds
 from parity_tests.tolerances import FLOAT64_REORDERED, TORCH64_VS_REF64
 from reference.activations import log_softmax, softmax
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import reference.dropout as ref
 import torch_impl.dropout as tim
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import float32_exact, normal_arrays, seeds, shapes, to_torch
+from parity_tests.strategies import float32_exact, normal_arrays, seeds, shapes, to_torch
 from parity_tests.tolerances import (
     REF_VS_FINITE_DIFF,
     TORCH32_VS_REF64,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import reference.embedding as ref
 import torch_impl.embedding as tim
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import (
+from parity_tests.strategies import (
     float32_exact,
     normal_arrays,
     seeds,

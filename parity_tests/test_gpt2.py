@@ -24,8 +24,7 @@ import torch_impl.gpt2 as tim_gpt2
 import torch_impl.transformer as tim
 
 from .parity import assert_close, to_numpy
-from .strategies_blocks import to_torch
-from .strategies_transformer import GPTCase, hf_gpt_cases, make_gpt_inputs
+from .strategies import GPTCase, hf_gpt_cases, make_gpt_inputs, to_torch
 from .tolerances import TORCH32_VS_REF64, TORCHNN64_VS_OURS64
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import reference as ref
 import torch_impl as tim
 from parity_tests.parity import assert_close, to_numpy
-from parity_tests.strategies_blocks import normal_arrays, shapes, to_torch
+from parity_tests.strategies import normal_arrays, shapes, to_torch
 from parity_tests.tolerances import REF_VS_FINITE_DIFF
 
 

@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 import torch_impl.kernels.attention as kat
 from parity_tests.kernel_paths import PATHS, TRITON
 from parity_tests.parity import assert_close
-from parity_tests.strategies_attention import (
+from parity_tests.strategies import (
     AttentionConfig,
     AttentionInputs,
     MaskConfig,
     attention_configs,
     build_attention_inputs,
     masked_keys,
+    to_torch,
 )
-from parity_tests.strategies_blocks import to_torch
 from parity_tests.test_attention import (
     FLOAT32_CONDITION_LIMIT,
     FLOAT64_CONDITION_LIMIT,

@@ -19,7 +19,7 @@ import reference.loss as ref
 import torch_impl.kernels.cross_entropy as kce
 from parity_tests.kernel_paths import PATHS
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import float32_exact, to_torch
+from parity_tests.strategies import float32_exact, to_torch
 from parity_tests.test_loss import (
     ALL_IGNORED_MEAN,
     ALL_IGNORED_SUM,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import reference.gru as ref
 from parity_tests.kernel_paths import PATHS
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import float32_exact, seeds, sizes, to_torch
+from parity_tests.strategies import float32_exact, seeds, sizes, to_torch
 from parity_tests.tolerances import TORCH32_VS_REF64, TORCH64_VS_REF64
 from torch_impl.kernels import kernel_path
 from torch_impl.kernels.gru_step import gru_step

@@ -13,7 +13,7 @@ from hypothesis import assume, example, given
 import reference.normalization as ref
 from parity_tests.kernel_paths import PATHS
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import float32_exact, to_torch
+from parity_tests.strategies import float32_exact, to_torch
 from parity_tests.test_normalization import (
     BATCH_ONE,
     COARSE_CONDITION_LIMIT,

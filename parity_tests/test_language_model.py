@@ -21,7 +21,7 @@ import torch_impl.language_model as tim
 from reference.gradcheck import numerical_gradients
 
 from .parity import assert_all_close, assert_close, relative_error
-from .strategies_blocks import float32_exact, seeds, to_torch
+from .strategies import float32_exact, seeds, to_torch
 from .tolerances import FLOAT64_REORDERED, REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64
 
 CELLS = ref.CELLS

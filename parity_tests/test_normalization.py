@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import reference.normalization as ref
 import torch_impl.normalization as tim
 from parity_tests.parity import assert_close
-from parity_tests.strategies_blocks import (
+from parity_tests.strategies import (
     float32_exact,
     normal_arrays,
     seeds,

@@ -17,7 +17,7 @@ import reference.transformer as ref_gpt
 import torch_impl.optim as tim
 import torch_impl.transformer as tim_gpt
 from parity_tests.parity import assert_all_close, assert_close, to_numpy
-from parity_tests.strategies_blocks import seeds, shapes, to_torch
+from parity_tests.strategies import seeds, shapes, to_torch
 from parity_tests.tolerances import TORCH64_VS_REF64
 
 STEPS = 10

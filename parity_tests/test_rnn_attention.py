@@ -29,7 +29,7 @@ import torch_impl.rnn_attention as tim
 from reference.gradcheck import gradcheck
 
 from .parity import assert_all_close, assert_close, to_numpy
-from .strategies_blocks import float32_exact, seeds, sizes
+from .strategies import float32_exact, seeds, sizes
 from .tolerances import (
     FLOAT64_REORDERED,
     REF_VS_FINITE_DIFF,

@@ -32,7 +32,7 @@ from reference.decoding import select_rows
 from reference.gradcheck import numerical_gradients
 
 from .parity import assert_all_close, assert_close, relative_error, to_numpy
-from .strategies_blocks import float32_exact, seeds, to_torch
+from .strategies import float32_exact, seeds, to_torch
 from .tolerances import (
     FLOAT64_REORDERED,
     REF_VS_FINITE_DIFF,

@@ -22,14 +22,15 @@ import torch_impl.transformer as tim
 from reference.gradcheck import numerical_gradients
 
 from .parity import assert_all_close, assert_close, relative_error, to_numpy
-from .strategies_blocks import float32_exact, to_torch
-from .strategies_transformer import (
+from .strategies import (
     GPTCase,
     GPTInputs,
+    float32_exact,
     gpt_cases,
     hf_gpt_cases,
     make_gpt_inputs,
     tiny_gpt_cases,
+    to_torch,
 )
 from .tolerances import REF_VS_FINITE_DIFF, TORCH32_VS_REF64, TORCH64_VS_REF64, TORCHNN64_VS_OURS64
 

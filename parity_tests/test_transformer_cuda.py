@@ -15,7 +15,7 @@ from hypothesis import assume, example, given
 import torch_impl as tim
 
 from .parity import assert_all_close, assert_close
-from .strategies_transformer import GPTCase, GPTInputs, gpt_cases, make_gpt_inputs
+from .strategies import GPTCase, GPTInputs, gpt_cases, make_gpt_inputs
 from .test_transformer import IGNORE_A_CLASS, run_reference
 from .tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64
 
