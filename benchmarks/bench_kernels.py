@@ -64,20 +64,41 @@ def sdpa_backend(device: str, dtype: torch.dtype) -> tuple[str, Any]:
     return "F.sdpa (mem-efficient)", sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)
 
 
-def measure(name: str, fn: Callable[[], Any], args: argparse.Namespace) -> dict[str, float]:
-    fn()
-    timing = time_call(fn, args.device, warmup=args.warmup, repeat=args.repeat,
-                       min_seconds=args.min_seconds)
-    timing["peak_mib"] = peak_memory_mib(fn, args.device)
-    return timing
-
-
 def grads_of(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
              dout: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     leaves = [t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)
     out.backward(dout)
     return out.detach(), [t.grad for t in leaves]
+
+
+def time_impl(args: argparse.Namespace, row: dict[str, Any], fn: Callable[..., torch.Tensor],
+              inputs: list[torch.Tensor], dout: torch.Tensor,
+              amount: Callable[[bool], tuple[float, str]], err: float, gerr: float
+              ) -> list[dict[str, Any]]:
+    """The forward and forward+backward rows of one implementation: ``row`` (op, impl, shape,
+    dtype) plus timing, peak memory and rate = amount(backward) per second (amount is
+    (FLOP or bytes, unit)). The backward run frees its gradients, so peak MiB counts them."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    rows = []
+    for workload, backward in (("forward", False), ("forward+backward", True)):
+        def run(backward: bool = backward) -> None:
+            if not backward:
+                with torch.no_grad():
+                    fn(*inputs)
+                return
+            fn(*leaves).backward(dout)
+            for t in leaves:
+                t.grad = None
+        run()
+        timing = time_call(run, args.device, warmup=args.warmup, repeat=args.repeat,
+                           min_seconds=args.min_seconds)
+        timing["peak_mib"] = peak_memory_mib(run, args.device)
+        scale, unit = amount(backward)
+        rows.append(dict(row, workload=workload, **timing, rate=scale / timing["median_s"],
+                         rate_unit=unit, err_out=err, err_grad=gerr if backward else None))
+        report(rows[-1])
+    return rows
 
 
 # --------------------------------------------------------------------------- attention
@@ -100,28 +121,16 @@ def bench_attention(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[s
             out64, grads64 = grads_of(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), part,
                 dout[:1, :2].double())
+            flop = 4.0 * B * h * T * T * d * 0.5 / 1e12          # causal forward, TFLOP
             for name, fn in impls.items():
                 with backend if name == label else nullcontext():
                     out, grads = grads_of(fn, [q, k, v], dout)
-                    err = rel_err(out[:1, :2], out64)
-                    gerr = max(rel_err(g[:1, :2], g64) for g, g64 in zip(grads, grads64))
-                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                    for workload, backward in (("forward", False), ("forward+backward", True)):
-                        def run(fn=fn, backward=backward):
-                            if not backward:
-                                with torch.no_grad():
-                                    return fn(q, k, v)
-                            fn(*leaves).backward(dout)
-                            for t in leaves:   # freed here: peak MiB counts the gradients
-                                t.grad = None
-                        timing = measure(name, run, args)
-                        t = timing["median_s"]
-                        flop = 4.0 * B * h * T * T * d * 0.5 * (3.5 if backward else 1.0)
-                        rows.append(dict(op="attention", workload=workload, impl=name,
-                                         shape=f"B{B} h{h} T{T} d{d}", dtype=str(dtype)[6:],
-                                         **timing, rate=flop / t / 1e12, rate_unit="TFLOP/s",
-                                         err_out=err, err_grad=gerr if backward else None))
-                        report(rows[-1])
+                    rows += time_impl(
+                        args, dict(op="attention", impl=name, shape=f"B{B} h{h} T{T} d{d}",
+                                   dtype=str(dtype)[6:]), fn, [q, k, v], dout,
+                        lambda bw: (flop * (3.5 if bw else 1.0), "TFLOP/s"),
+                        rel_err(out[:1, :2], out64),
+                        max(rel_err(g[:1, :2], g64) for g, g64 in zip(grads, grads64)))
     return rows
 
 
@@ -134,31 +143,19 @@ def bench_cross_entropy(args: argparse.Namespace, dtype: torch.dtype) -> list[di
     logits = (3 * torch.randn(N, V, generator=gen)).to(args.device, dtype)
     targets = torch.randint(0, V, (N,), generator=gen).to(args.device)
     targets[::17] = -100                                     # some ignored rows
+    one = torch.tensor(1.0, dtype=dtype, device=args.device)
     loss64, (grad64,) = grads_of(lambda x: F.cross_entropy(x, targets), [logits.double()],
-                                 torch.tensor(1.0, dtype=torch.float64, device=args.device))
+                                 one.double())
     impls = {"F.cross_entropy": lambda x: F.cross_entropy(x, targets),
              "seqtwin cross_entropy": lambda x: kce.cross_entropy(x, targets)}
+    gbytes = N * V * logits.element_size() / 1e9          # one pass over the logits
     for name, fn in impls.items():
-        loss, (grad,) = grads_of(fn, [logits], torch.tensor(1.0, dtype=dtype,
-                                                             device=args.device))
+        loss, (grad,) = grads_of(fn, [logits], one)
         err, gerr = rel_err(loss, loss64), rel_err(grad, grad64)
         del grad
-        leaf = logits.detach().requires_grad_()
-        for workload, backward in (("forward", False), ("forward+backward", True)):
-            def run(fn=fn, backward=backward):
-                if not backward:
-                    with torch.no_grad():
-                        return fn(logits)
-                fn(leaf).backward()
-                leaf.grad = None       # freed here: peak MiB counts the gradient
-            timing = measure(name, run, args)
-            bytes_moved = N * V * logits.element_size() * (3 if backward else 1)
-            rows.append(dict(op="cross_entropy", workload=workload, impl=name,
-                             shape=f"N{N} V{V}", dtype=str(dtype)[6:], **timing,
-                             rate=bytes_moved / timing["median_s"] / 1e9, rate_unit="GB/s",
-                             err_out=err, err_grad=gerr if backward else None))
-            report(rows[-1])
-        leaf.grad = None
+        rows += time_impl(args, dict(op="cross_entropy", impl=name, shape=f"N{N} V{V}",
+                                     dtype=str(dtype)[6:]), fn, [logits], one,
+                          lambda bw: (gbytes * (3 if bw else 1), "GB/s"), err, gerr)
     return rows
 
 
@@ -175,26 +172,13 @@ def bench_layer_norm(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[
     out64, grads64 = grads_of(ln64, [t.double() for t in (x, w, b)], dy.double())
     impls = {"F.layer_norm": lambda x, w, b: F.layer_norm(x, (D,), w, b),
              "seqtwin layer_norm": lambda x, w, b: kln.layer_norm(x, w, b)}
+    gbytes = N * D * x.element_size() / 1e9               # one pass over x
     for name, fn in impls.items():
         out, grads = grads_of(fn, [x, w, b], dy)
-        err = rel_err(out, out64)
-        gerr = max(rel_err(g, g64) for g, g64 in zip(grads, grads64))
-        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-        for workload, backward in (("forward", False), ("forward+backward", True)):
-            def run(fn=fn, backward=backward):
-                if not backward:
-                    with torch.no_grad():
-                        return fn(x, w, b)
-                fn(*leaves).backward(dy)
-                for t in leaves:       # freed here: peak MiB counts the gradients
-                    t.grad = None
-            timing = measure(name, run, args)
-            bytes_moved = N * D * x.element_size() * (5 if backward else 2)
-            rows.append(dict(op="layer_norm", workload=workload, impl=name,
-                             shape=f"N{N} D{D}", dtype=str(dtype)[6:], **timing,
-                             rate=bytes_moved / timing["median_s"] / 1e9, rate_unit="GB/s",
-                             err_out=err, err_grad=gerr if backward else None))
-            report(rows[-1])
+        rows += time_impl(args, dict(op="layer_norm", impl=name, shape=f"N{N} D{D}",
+                                     dtype=str(dtype)[6:]), fn, [x, w, b], dy,
+                          lambda bw: (gbytes * (5 if bw else 2), "GB/s"), rel_err(out, out64),
+                          max(rel_err(g, g64) for g, g64 in zip(grads, grads64)))
     return rows
 
 

@@ -89,3 +89,30 @@ def test_parity_suite_runs_the_parity_report(tmp_path: Path) -> None:
     assert main(["--sizes", "tiny", "--suite", "parity", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "parity_report.json").read_text())
     assert report["meta"]["rows"] == report["meta"]["passed"] > 0
+
+
+def test_kernel_benchmark_writes_every_op_with_small_errors(tmp_path: Path) -> None:
+    """benchmarks.bench_kernels (issue #5) at tiny sizes: both implementations of every op,
+    forward and forward+backward, each with a rate and errors against float64 that float32
+    arithmetic meets."""
+    from benchmarks import bench_kernels
+    assert bench_kernels.main(["--lengths", "32", "--head-dims", "16", "--rows", "16",
+                               "--vocab", "300", "--features", "32", "--repeat", "1",
+                               "--warmup", "0", "--min-seconds", "0",
+                               "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernels_cpu_float32.json").read_text())["rows"]
+    seen = {(r["op"], r["impl"].startswith("seqtwin"), r["workload"]) for r in rows}
+    assert seen == {(op, ours, workload) for op in bench_kernels.OPS for ours in (False, True)
+                    for workload in ("forward", "forward+backward")}
+    for r in rows:
+        assert r["median_s"] > 0 and r["rate"] > 0
+        assert r["err_out"] < 1e-5, r
+        assert r["err_grad"] is None or r["err_grad"] < 1e-5, r
+
+
+def test_kernel_smoke_finds_triton_and_torch_paths_agree() -> None:
+    """benchmarks.kernel_smoke, the program compute-sanitizer runs on a GPU, exits 0 (every
+    op's Triton path agrees with its torch path); here under triton's interpreter."""
+    pytest.importorskip("triton", reason="issue #5: needs triton installed")
+    from benchmarks import kernel_smoke
+    assert kernel_smoke.main(["--ops", "layer_norm,lstm_step,gru_step"]) == 0
