@@ -16,7 +16,6 @@ Run one at a time, e.g.::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 import torch_impl
-from benchmarks.harness import machine_info, machine_slug, markdown_table, time_call, write_results
+from benchmarks.harness import (
+    announce_command,
+    machine_info,
+    machine_slug,
+    markdown_table,
+    time_call,
+    write_results,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                 "float16": torch.float16}
@@ -115,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    command = "python -m benchmarks.bench_attention " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print(f"# {command}", file=sys.stderr)
+    command = announce_command("benchmarks.bench_attention", argv)
     rows = []
     for T in (int(s) for s in args.lengths.split(",")):
         for d in (int(s) for s in args.head_dims.split(",")):

@@ -22,7 +22,6 @@ Run, e.g.::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import (
+    announce_command,
     machine_info,
     machine_slug,
     markdown_table,
@@ -250,9 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m benchmarks.bench_kernels " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print(f"# {command}", file=sys.stderr)
+    command = announce_command("benchmarks.bench_kernels", argv)
     benches = {"attention": bench_attention, "cross_entropy": bench_cross_entropy,
                "layer_norm": bench_layer_norm}
     rows = []

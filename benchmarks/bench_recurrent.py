@@ -20,7 +20,6 @@ Run one at a time, e.g.::
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,14 @@ import torch
 
 import reference
 import torch_impl
-from benchmarks.harness import machine_info, machine_slug, markdown_table, time_call, write_results
+from benchmarks.harness import (
+    announce_command,
+    machine_info,
+    machine_slug,
+    markdown_table,
+    time_call,
+    write_results,
+)
 
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 NN_CLASSES = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
@@ -181,9 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python -m benchmarks.bench_recurrent " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print(f"# {command}", file=sys.stderr)
+    command = announce_command("benchmarks.bench_recurrent", argv)
     rows = []
     for cell in args.cells.split(","):
         rows += bench_cell(cell.strip(), args)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -53,6 +54,15 @@ def time_call(fn: Callable[[], Any], device: str = "cpu", warmup: int = 2, repea
          else [samples[0]] * 3)
     return {"median_s": statistics.median(samples), "q1_s": q[0], "q3_s": q[2],
             "min_s": min(samples), "n": len(samples)}
+
+
+def announce_command(module: str, argv: list[str] | None) -> str:
+    """``python -m <module> <args>`` as a reader would type it (argv, or the process's own
+    arguments when None), printed to stderr first, for the results files to record."""
+    command = " ".join(["python -m", module] + [shlex.quote(a) for a in
+                                                  (sys.argv[1:] if argv is None else argv)])
+    print(f"# {command}", file=sys.stderr)
+    return command
 
 
 def pin_threads(threads: int | None) -> int:
