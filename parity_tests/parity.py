@@ -61,3 +61,21 @@ def assert_all_close(actual: Mapping[str, Any], expected: Mapping[str, Any], bud
         raise AssertionError(f"{name}: keys differ: only actual {only_actual},"
                              f" only expected {sorted(set(expected) - set(actual))}")
     return {k: assert_close(actual[k], expected[k], budget, f"{name}{k}") for k in sorted(expected)}
+
+
+def assert_gradient_close(actual: Any, expected: Any, budget: float, floor: float,
+                          name: str = "tensor") -> None:
+    """``assert_close`` for a gradient, except that one whose expected norm is below ``floor``
+    (tolerances.py's gradient floors and their reason) is held to budget × floor absolute."""
+    a, e = to_numpy(actual), to_numpy(expected)
+    if np.linalg.norm(e) >= floor:
+        assert_close(a, e, budget, name)
+        return
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
+    if not np.all(np.isfinite(a)):
+        raise AssertionError(f"{name}: non-finite values")
+    error = float(np.linalg.norm(a - e))
+    if not error <= budget * floor:
+        raise AssertionError(f"{name}: |a - e| {error:.3e} > {budget * floor:.1e} (norm "
+                             f"{np.linalg.norm(e):.1e} below the floor {floor:.0e})")
