@@ -145,16 +145,32 @@ def bench_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
+    """One line per row; on CUDA with a "host ms" column (the time until the call returned,
+    before synchronising: when it is close to the median, the host is the bottleneck)."""
     baseline = {(r["layer"], r["workload"]): r["median_s"] for r in rows if r["impl"] == "torch.nn"}
+    on_cuda = any("host_median_s" in r for r in rows)
     table = []
     for r in rows:
         speedup = baseline[(r["layer"], r["workload"])] / r["median_s"]
         spread = f"{r['q1_s'] * 1e3:.2f}-{r['q3_s'] * 1e3:.2f}"
+        host = [f"{r['host_median_s'] * 1e3:.2f}"] if on_cuda else []
         table.append([r["layer"], r["workload"], r["impl"], f"{r['median_s'] * 1e3:.2f}", spread,
-                      f"{r['tokens_per_s']:,.0f}", f"{r['gflop_per_s']:.1f}", f"{speedup:.2f}x",
-                      f"{r['rel_err_vs_torch_nn']:.1e}"])
-    return markdown_table(["layer", "workload", "impl", "median ms", "IQR ms", "tokens/s",
-                           "GFLOP/s", "vs torch.nn", "rel err vs torch.nn"], table)
+                      *host, f"{r['tokens_per_s']:,.0f}", f"{r['gflop_per_s']:.1f}",
+                      f"{speedup:.2f}x", f"{r['rel_err_vs_torch_nn']:.1e}"])
+    return markdown_table(["layer", "workload", "impl", "median ms", "IQR ms",
+                           *(["host ms"] if on_cuda else []), "tokens/s", "GFLOP/s",
+                           "vs torch.nn", "rel err vs torch.nn"], table)
+
+
+def set_tf32(mode: str) -> dict[str, bool]:
+    """TF32 for float32 products on CUDA: "on" or "off" sets both torch's matmul flag (which
+    torch_impl's products follow) and cuDNN's (which torch.nn's RNNs follow) to the same value,
+    so the two sides compute alike; "default" keeps torch's defaults (matmul off, cuDNN on).
+    Returns the flags in force, for the results."""
+    if mode != "default":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "on"
+    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default="",
                    help="comma list of torch.compile backends to add as torch_impl rows, e.g. "
                         "cudagraphs (CUDA graphs over the whole time loop), inductor")
+    p.add_argument("--tf32", default="default", choices=("default", "off", "on"),
+                   help="float32 on CUDA: TF32 for both sides (on), for neither (off), or torch's "
+                        "defaults (matmul off, cuDNN on: torch.nn's RNNs in TF32, ours not)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the NumPy reference (slow at large sizes; CPU only)")
     p.add_argument("--out", type=Path, default=None,
@@ -188,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = announce_command("benchmarks.bench_recurrent", argv)
+    tf32 = set_tf32(args.tf32)
     rows = []
     for cell in args.cells.split(","):
         rows += bench_cell(cell.strip(), args)
@@ -195,8 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(__file__).parent / "results" / machine_slug(args.device)
     device = args.device.split(":")[0]
     stem = f"recurrent_{device}_{args.dtype}_B{args.batch}_T{args.length}_H{args.hidden}"
-    payload = {"command": command, "machine": machine_info(args.device), "rows": rows}
-    md = f"# Recurrent layers\n\n`{command}`\n\n{table}\n"
+    flags = ""
+    if device == "cuda" and args.dtype == "float32":
+        stem += "" if args.tf32 == "default" else f"_tf32{args.tf32}"
+        flags = ("TF32: torch matmul {matmul_allow_tf32}, cuDNN {cudnn_allow_tf32}\n\n"
+                 .format(**tf32))
+    payload = {"command": command, "machine": machine_info(args.device), "tf32": tf32,
+               "rows": rows}
+    md = f"# Recurrent layers\n\n`{command}`\n\n{flags}{table}\n"
     paths = write_results(out_dir, stem, payload, md)
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

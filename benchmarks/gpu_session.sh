@@ -10,8 +10,12 @@
 #              racecheck over the attention kernels (the ones with shared-memory tiles)
 #   tune       benchmarks.tune_attention: launch configurations of the attention kernels
 #   kernels    benchmarks.bench_kernels (attention, cross-entropy, layer norm) bf16 and fp32
-#   recurrent  benchmarks.bench_recurrent LSTM/GRU B64 T128 H1024 fp32 and bf16 vs cuDNN,
-#              eager and with CUDA graphs over the time loop (torch.compile "cudagraphs")
+#   steps      benchmarks.step_costs: host against device time of each piece of a time step
+#              (addmm, the Triton step kernels, the op dispatch) and of whole layers
+#   recurrent  benchmarks.bench_recurrent LSTM/GRU B64 T128 H1024 vs cuDNN: float32 with TF32
+#              off on both sides and on on both sides, and bf16; eager and with CUDA graphs
+#              over the time loop (torch.compile "cudagraphs", whose perf hints, such as why
+#              it skipped a graph, go to the log)
 # Results land in benchmarks/results/<gpu>/ and are packed into $OUT/results.tgz.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
@@ -66,13 +70,21 @@ for s in "$@"; do
         # IEEE float32 tiles are slow (no tensor cores): one length is enough to say so
         stage kernels_fp32 100 $PY -m benchmarks.bench_kernels --device cuda \
             --dtypes float32 --lengths 2048 --out "$RESULTS" ;;
+    steps)
+        stage steps_H1024 60 $PY -m benchmarks.step_costs --batch 64 --hidden 1024 \
+            --out "$RESULTS"
+        stage steps_H512 60 $PY -m benchmarks.step_costs --batch 32 --hidden 512 --length 64 \
+            --out "$RESULTS" ;;
     recurrent)
-        stage recurrent_fp32 100 $PY -m benchmarks.bench_recurrent --device cuda \
-            --dtype float32 --batch 64 --length 128 --hidden 1024 --no-reference \
-            --compile cudagraphs --out "$RESULTS"
-        stage recurrent_bf16 100 $PY -m benchmarks.bench_recurrent --device cuda \
-            --dtype bfloat16 --batch 64 --length 128 --hidden 1024 --no-reference \
-            --compile cudagraphs --out "$RESULTS" ;;
+        for tf32 in off on; do
+            TORCH_LOGS=perf_hints stage recurrent_fp32_tf32$tf32 100 $PY -m \
+                benchmarks.bench_recurrent --device cuda --dtype float32 --tf32 $tf32 \
+                --batch 64 --length 128 --hidden 1024 --no-reference --compile cudagraphs \
+                --out "$RESULTS"
+        done
+        TORCH_LOGS=perf_hints stage recurrent_bf16 100 $PY -m benchmarks.bench_recurrent \
+            --device cuda --dtype bfloat16 --batch 64 --length 128 --hidden 1024 \
+            --no-reference --compile cudagraphs --out "$RESULTS" ;;
     *) echo "unknown stage $s" ;;
     esac
 done

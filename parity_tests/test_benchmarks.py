@@ -116,3 +116,20 @@ def test_kernel_smoke_finds_triton_and_torch_paths_agree() -> None:
     pytest.importorskip("triton", reason="issue #5: needs triton installed")
     from benchmarks import kernel_smoke
     assert kernel_smoke.main(["--ops", "layer_norm,lstm_step,gru_step"]) == 0
+
+
+def test_step_costs_times_every_piece_of_both_steps(tmp_path: Path) -> None:
+    """benchmarks.step_costs (issue #5: where a GPU time step's cost goes) at tiny sizes on the
+    CPU: every torch piece and both whole-layer rows of each cell, with a host time that the
+    synchronised total includes, written to JSON and Markdown."""
+    from benchmarks import step_costs
+    assert step_costs.main(["--device", "cpu", "--batch", "2", "--hidden", "8", "--length",
+                            "3", "--calls", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "step_costs_cpu_float32_B2_H8.json").read_text())["rows"]
+    for cell in ("lstm", "gru"):
+        pieces = {r["piece"] for r in rows if r["cell"] == cell}
+        assert {"step forward, torch", "step backward, torch", "layer forward / T (T=3)",
+                "layer forward+backward / T (T=3)"} <= pieces
+    for r in rows:
+        assert 0 < r["host"] <= r["total"] and r["device"] is None, r
+    assert (tmp_path / "step_costs_cpu_float32_B2_H8.md").read_text().startswith("# Per-step")

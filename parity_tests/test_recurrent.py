@@ -17,7 +17,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from reference.gradcheck import gradcheck
+from torch_impl.kernels import kernel_path
 
+from .kernel_paths import NEEDS_TRITON
 from .parity import assert_all_close, assert_close, to_numpy
 from .recurrent_runners import (
     RecurrentRun,
@@ -392,6 +394,30 @@ def test_dropout_equals_running_layer_by_layer_with_the_masks(backend: str, kind
     for j, name in enumerate(("dh0", "dc0")[:num_states(kind)]):
         assert_close(np.concatenate(dstates[j], axis=0), whole.dstates[j],
                      FLOAT64_REORDERED.gradient, name)
+
+
+# ----------------------------------------------------------------------------- the Triton path
+
+@NEEDS_TRITON
+@given(config=recurrent_configs(dropout=None, max_batch=3, max_steps=5, max_size=6,
+                                max_layers=2))
+@example(config=ONE_STEP_ONE_UNIT)
+@example(config=LENGTH_ONE_BESIDE_FULL)
+@example(config=SATURATED)
+@example(config=TINY_DROPOUT)
+def test_torch_impl_on_the_triton_path_matches_reference(kind: str,
+                                                         config: RecurrentConfig) -> None:
+    """The layers' eager time loops launch the LSTM/GRU step kernels themselves, without the
+    ops' dispatch (kernels.use_op), writing into the loops' buffers: float64, functional and
+    module, on the CPU under triton's interpreter (conftest; compiled on a GPU). RNN layers
+    have no step kernel, so for them the Triton path is the torch path."""
+    inputs = make_recurrent_inputs(kind, config)
+    expected = reference_functional(kind, inputs)
+    with kernel_path("triton"):
+        functional = torch_impl_functional(kind, inputs)
+        module = torch_impl_module(kind, inputs)
+    assert_runs_close(functional, expected, TORCH64_VS_REF64)
+    assert_runs_close(module, expected, TORCH64_VS_REF64, "module ")
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels import use_op
+from .kernels import use_op, use_triton
 from .kernels.gru_step import (
     gru_step_backward_op,
     gru_step_backward_torch,
+    gru_step_backward_triton,
     gru_step_forward_torch,
+    gru_step_forward_triton,
     gru_step_op,
 )
 from .recurrent import (
@@ -66,6 +68,8 @@ def _gru_step(xw: Tensor, state: tuple[Tensor], w_hh: Linear, b_hh: Tensor | Non
     if use_op(h_prev):
         h, saved = gru_step_op(xw, hh, h_prev, active)
         h = h if h_out is None else h_out.copy_(h)
+    elif use_triton(h_prev):  # the op's Triton path, without its dispatch
+        h, saved = gru_step_forward_triton(xw, hh, h_prev, active, h_out)
     else:  # the op's torch path
         h, saved = gru_step_forward_torch(xw, hh, h_prev, active, h_out)
     return (h,), GRUStepCache(saved, h_prev, active)
@@ -79,6 +83,9 @@ def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh_t: Linea
         dgates_x, dgates_h, dh_carried = gru_step_backward_op(dh, *cache)
         if dgates_x_out is not None:
             dgates_x, dgates_h = dgates_x_out.copy_(dgates_x), dgates_h_out.copy_(dgates_h)
+    elif use_triton(dh):
+        dgates_x, dgates_h, dh_carried = gru_step_backward_triton(dh, *cache, dgates_x_out,
+                                                                  dgates_h_out)
     else:
         dgates_x, dgates_h, dh_carried = gru_step_backward_torch(dh, *cache, dgates_x_out,
                                                                  dgates_h_out)

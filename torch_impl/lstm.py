@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels import use_op
+from .kernels import use_op, use_triton
 from .kernels.lstm_step import (
     lstm_step_backward_op,
     lstm_step_backward_torch,
+    lstm_step_backward_triton,
     lstm_step_forward_torch,
+    lstm_step_forward_triton,
     lstm_step_op,
 )
 from .recurrent import (
@@ -67,6 +69,9 @@ def _lstm_step(xw: Tensor, state: tuple[Tensor, Tensor], w_hh: Linear, b_hh: Ten
     if use_op(h_prev):
         h, c, gates = lstm_step_op(xw, w_hh(h_prev, b_hh), h_prev, c_prev, active)
         h = h if h_out is None else h_out.copy_(h)
+    elif use_triton(h_prev):  # the op's Triton path, without its dispatch
+        h, c, gates = lstm_step_forward_triton(xw, w_hh(h_prev, b_hh), h_prev, c_prev, active,
+                                               h_out)
     else:  # the op's torch path, with xw + W_hh h_{t-1} summed by the matmul itself
         gates = w_hh(h_prev, xw)
         if b_hh is not None:
@@ -82,6 +87,8 @@ def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_h
     if use_op(dh):
         dgates, dh_carried, dc_prev = lstm_step_backward_op(dh, dc, *cache)
         dgates = dgates if dgates_out is None else dgates_out.copy_(dgates)
+    elif use_triton(dh):
+        dgates, dh_carried, dc_prev = lstm_step_backward_triton(dh, dc, *cache, dgates_out)
     else:
         dgates, dh_carried, dc_prev = lstm_step_backward_torch(dh, dc, *cache, dgates_out)
     # h_{t-1} enters the gates through W_hh h_{t-1}; at inactive rows, through the carried state

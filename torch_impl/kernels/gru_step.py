@@ -122,10 +122,15 @@ def _grid(B: int, H: int) -> tuple[tuple[int, int], int]:
     return (B, triton.cdiv(H, block)), block
 
 
-def _gru_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
-                             ) -> tuple[Tensor, Tensor]:
+def gru_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None,
+                            h_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(h_t, saved) by the Triton kernel, h_t written into ``h_out`` (contiguous) when given.
+    A layer's eager loop calls this directly, without the op's dispatch (see
+    ``kernels.use_op``)."""
+    xw, hh, h_prev = xw.contiguous(), hh.contiguous(), h_prev.contiguous()
     B, H = h_prev.shape
-    h, saved = torch.empty_like(h_prev), xw.new_empty(B, 4 * H)
+    h = torch.empty_like(h_prev) if h_out is None else h_out
+    saved = xw.new_empty(B, 4 * H)
     grid, block = _grid(B, H)
     _gru_step_forward_kernel[grid](
         xw, hh, h_prev, active, h, saved, H, HAS_MASK=active is not None,
@@ -133,10 +138,16 @@ def _gru_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Ten
     return h, saved
 
 
-def _gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
-                              ) -> tuple[Tensor, Tensor, Tensor]:
+def gru_step_backward_triton(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None,
+                             dxw_out: Tensor | None = None, dhh_out: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dxw, dhh, dh_{t-1} not counting the path through hh) by the Triton kernel, dxw and dhh
+    written into ``dxw_out``, ``dhh_out`` (contiguous) when given."""
+    dh, saved, h_prev = dh.contiguous(), saved.contiguous(), h_prev.contiguous()
     B, H = h_prev.shape
-    dxw, dhh, dh_prev = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H), torch.empty_like(dh)
+    dxw = saved.new_empty(B, 3 * H) if dxw_out is None else dxw_out
+    dhh = saved.new_empty(B, 3 * H) if dhh_out is None else dhh_out
+    dh_prev = torch.empty_like(dh)
     grid, block = _grid(B, H)
     _gru_step_backward_kernel[grid](
         dh, saved, h_prev, active, dxw, dhh, dh_prev, H, HAS_MASK=active is not None,
@@ -190,9 +201,8 @@ def gru_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, active: Tensor | None
                 ) -> tuple[Tensor, Tensor]:
     """(h_t (B, H), saved [r z n hh_n] (B, 4H)) from xw, hh (B, 3H), h_{t-1} (B, H) and
     active (B,) bool or None (every row active)."""
-    xw, hh, h_prev = xw.contiguous(), hh.contiguous(), h_prev.contiguous()
     if use_triton(xw):
-        return _gru_step_forward_triton(xw, hh, h_prev, active)
+        return gru_step_forward_triton(xw, hh, h_prev, active)
     acc = compute_dtype(xw.dtype)
     h, saved = gru_step_forward_torch(xw.to(acc), hh.to(acc), h_prev.to(acc), active)
     return h.to(h_prev.dtype), saved.to(xw.dtype)
@@ -207,9 +217,8 @@ def _(xw, hh, h_prev, active):
 def gru_step_backward_op(dh: Tensor, saved: Tensor, h_prev: Tensor, active: Tensor | None
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """(dxw (B, 3H), dhh (B, 3H), dh_{t-1} (B, H) not counting the path through hh)."""
-    dh, saved, h_prev = dh.contiguous(), saved.contiguous(), h_prev.contiguous()
     if use_triton(saved):
-        return _gru_step_backward_triton(dh, saved, h_prev, active)
+        return gru_step_backward_triton(dh, saved, h_prev, active)
     acc = compute_dtype(saved.dtype)
     dxw, dhh, dh_prev = gru_step_backward_torch(dh.to(acc), saved.to(acc), h_prev.to(acc),
                                                 active)

@@ -135,10 +135,16 @@ def _grid(B: int, H: int) -> tuple[tuple[int, int], int]:
     return (B, triton.cdiv(H, block)), block
 
 
-def _lstm_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor,
-                              active: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor,
+                             active: Tensor | None, h_out: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(h_t, c_t, gates) by the Triton kernel, h_t written into ``h_out`` (contiguous) when
+    given. A layer's eager loop calls this directly, without the op's dispatch (see
+    ``kernels.use_op``)."""
+    xw, hh, h_prev, c_prev = (t.contiguous() for t in (xw, hh, h_prev, c_prev))
     B, H = h_prev.shape
-    h, c, gates = torch.empty_like(h_prev), torch.empty_like(c_prev), torch.empty_like(xw)
+    h = torch.empty_like(h_prev) if h_out is None else h_out
+    c, gates = torch.empty_like(c_prev), torch.empty_like(xw)
     grid, block = _grid(B, H)
     _lstm_step_forward_kernel[grid](
         xw, hh, h_prev, c_prev, active, h, c, gates, H, HAS_MASK=active is not None,
@@ -146,10 +152,15 @@ def _lstm_step_forward_triton(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Te
     return h, c, gates
 
 
-def _lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
-                               active: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_step_backward_triton(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
+                              active: Tensor | None, dgates_out: Tensor | None = None
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dgates, dh_{t-1} through the carried state, dc_{t-1}) by the Triton kernel, dgates
+    written into ``dgates_out`` (contiguous) when given."""
+    dh, dc, gates, c_prev, c = (t.contiguous() for t in (dh, dc, gates, c_prev, c))
     B, H = c.shape
-    dgates, dh_prev, dc_prev = torch.empty_like(gates), torch.empty_like(c), torch.empty_like(c)
+    dgates = torch.empty_like(gates) if dgates_out is None else dgates_out
+    dh_prev, dc_prev = torch.empty_like(c), torch.empty_like(c)
     grid, block = _grid(B, H)
     _lstm_step_backward_kernel[grid](
         dh, dc, gates, c_prev, c, active, dgates, dh_prev, dc_prev, H,
@@ -219,9 +230,8 @@ def lstm_step_op(xw: Tensor, hh: Tensor, h_prev: Tensor, c_prev: Tensor, active:
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(h_t (B, H), c_t (B, H), gates [i f g o] (B, 4H)) from xw, hh (B, 4H), h_{t-1},
     c_{t-1} (B, H) and active (B,) bool or None (every row active)."""
-    xw, hh, h_prev, c_prev = (t.contiguous() for t in (xw, hh, h_prev, c_prev))
     if use_triton(xw):
-        return _lstm_step_forward_triton(xw, hh, h_prev, c_prev, active)
+        return lstm_step_forward_triton(xw, hh, h_prev, c_prev, active)
     acc = compute_dtype(xw.dtype)
     gates = xw.to(acc) + hh.to(acc)
     h, c = lstm_step_forward_torch(gates, h_prev.to(acc), c_prev.to(acc), active)
@@ -237,9 +247,8 @@ def _(xw, hh, h_prev, c_prev, active):
 def lstm_step_backward_op(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tensor, c: Tensor,
                           active: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dgates (B, 4H), dh_{t-1} (B, H) through the carried state only, dc_{t-1} (B, H))."""
-    dh, dc, gates, c_prev, c = (t.contiguous() for t in (dh, dc, gates, c_prev, c))
     if use_triton(gates):
-        return _lstm_step_backward_triton(dh, dc, gates, c_prev, c, active)
+        return lstm_step_backward_triton(dh, dc, gates, c_prev, c, active)
     acc = compute_dtype(gates.dtype)
     dgates, dh_prev, dc_prev = lstm_step_backward_torch(*(t.to(acc) for t in (dh, dc, gates,
                                                                                 c_prev, c)),
