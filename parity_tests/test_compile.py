@@ -57,6 +57,10 @@ def assert_compiled_matches_eager(model: torch.nn.Module, ops: tuple[str, ...], 
     assert len(graphs.graphs) == 1, f"{len(graphs.graphs)} graphs"
     targets = [str(node.target) for phase in (graphs.fw_graphs, graphs.bw_graphs)
                for gm in phase for node in gm.graph.nodes]
+    # a time loop writing rows into one buffer becomes a whole-buffer copy per step under
+    # functionalization (O(T²) traffic wherever the backend does not re-inplace it)
+    scatters = [t for t in targets if "select_scatter" in t or "slice_scatter" in t]
+    assert not scatters, f"{len(scatters)} scatter copies in the compiled graphs: {scatters[:3]}"
     for op in ops:
         for suffix in ("", "_backward"):
             assert any(f"seqtwin.{op}{suffix}." in t for t in targets), f"{op}{suffix} not traced"

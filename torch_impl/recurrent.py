@@ -330,6 +330,8 @@ def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: 
     The steps write h into one (T+1, B, H) buffer in the order they run, h0 first, so that
     h (T, B, H) and h_prev (T, B, H) are two overlapping views of it, never stacked.
     """
+    if torch.compiler.is_compiling():
+        return _direction_forward_functional(cell, xw, state, w_hh, b_hh, valid, reverse)
     T = xw.shape[0]
     hs = xw.new_empty(T + 1, *state[0].shape)
     steps = [None] * T
@@ -341,6 +343,28 @@ def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: 
         state, steps[t] = cell.step(xw[t], state, w_hh, b_hh,
                                     None if valid is None else valid[t], hs[t + h_new])
     h, h_prev = (hs[:T], hs[1:]) if reverse else (hs[1:], hs[:T])
+    return state, h, DirectionCache(steps, h_prev)
+
+
+# Under torch.compile the loops write no rows into shared buffers: functionalization turns each
+# row write into a copy of the whole buffer (select_scatter), O(T²) memory traffic, wherever the
+# backend does not turn it back into an in-place write (aot_eager, "cudagraphs" do not;
+# inductor does). The rows are stacked once after the loop instead.
+
+def _direction_forward_functional(cell: Cell, xw: Tensor, state: tuple[Tensor, ...],
+                                  w_hh: Linear, b_hh: Tensor | None, valid: Tensor | None,
+                                  reverse: bool
+                                  ) -> tuple[tuple[Tensor, ...], Tensor, DirectionCache]:
+    """_direction_forward for torch.compile: the h_t stacked after the loop."""
+    T = xw.shape[0]
+    h0 = state[0]
+    hs, steps = [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        state, steps[t] = cell.step(xw[t], state, w_hh, b_hh, None if valid is None else valid[t])
+        hs[t] = state[0]
+    h = torch.stack(hs)
+    # h_prev[t] is the state entering step t: h_{t-1} (forward), h_{t+1} (reverse), h0 first
+    h_prev = torch.cat([h[1:], h0[None]]) if reverse else torch.cat([h0[None], h[:-1]])
     return state, h, DirectionCache(steps, h_prev)
 
 
@@ -360,7 +384,8 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
         dout = None if dout is None else dout.to(x.dtype)
         dstates_n = [None if ds is None else ds.to(x.dtype) for ds in dstates_n]
     dparams = {}
-    dstates0 = [x.new_zeros(L * D, B, H) for _ in range(cell.num_states)]
+    # dstates0[j][k*D + d]: filled layer by layer from the top, stacked at the end
+    dstates0 = [[None] * (L * D) for _ in range(cell.num_states)]
     dlayer_out = None if dout is None else dout.transpose(0, 1)  # (T, B, D*H)
     dx = None
     for k in range(L - 1, -1, -1):
@@ -394,7 +419,7 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
     dparams = {key: dparams[key].to(to_out) for key in params}
     if dx is not None:
         dx = dx.transpose(0, 1).to(to_out, memory_format=torch.contiguous_format)
-    return dx, dparams, tuple(d.to(to_out) for d in dstates0)
+    return dx, dparams, tuple(torch.stack(d).to(to_out) for d in dstates0)
 
 
 def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, ...],
@@ -404,10 +429,18 @@ def _direction_backward(cell: Cell, dout: Tensor | None, dstate: tuple[Tensor, .
     T, B, H = cache.h_prev.shape
     if dout is not None and valid is not None:
         dout = torch.where(valid.unsqueeze(-1), dout, 0.0)  # out_t = h_t ⊙ [t < lengths[b]]
+    order = range(T) if reverse else range(T - 1, -1, -1)
+    if torch.compiler.is_compiling():  # stacked after the loop (see _direction_forward_functional)
+        rows_x, rows_h = [None] * T, [None] * T
+        for t in order:
+            dstate_new = dstate if dout is None else (dstate[0] + dout[t],) + dstate[1:]
+            rows_x[t], rows_h[t], dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh_t)
+        dgates_x = torch.stack(rows_x)
+        return dgates_x, torch.stack(rows_h) if cell.separate_dgates_h else dgates_x, dstate
     # the steps write their dgates into rows of (T, B, G*H) buffers: no stacking after the loop
     dgates_x = dstate[0].new_empty(T, B, cell.num_gates * H)
     dgates_h = torch.empty_like(dgates_x) if cell.separate_dgates_h else dgates_x
-    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+    for t in order:
         dstate_new = dstate if dout is None else (dstate[0] + dout[t],) + dstate[1:]
         _, _, dstate = cell.step_backward(dstate_new, cache.steps[t], w_hh_t, dgates_x[t],
                                           dgates_h[t] if cell.separate_dgates_h else None)

@@ -384,8 +384,8 @@ def _decoder_backward(dlogits: Tensor, cache: DecoderCache, config: Seq2SeqConfi
         dy, dcontext_in = dx[..., :E].contiguous(), dx[..., E:]         # [E_tgt[y_t]; c_t]
         dquery, dmemory, dattention = additive_attention_backward(dcontext + dcontext_in,
                                                                   cache.attention)
-        dh0 = dstate0[0].clone()
-        dh0[-1] += dquery[:, 0]                   # q_t = top layer's h of s_{t-1}
+        dh0 = dstate0[0]                          # q_t = top layer's h of s_{t-1}
+        dh0 = torch.cat([dh0[:-1], (dh0[-1] + dquery[:, 0])[None]])
         dstate0 = (dh0,) + tuple(dstate0[1:])
         dparams.update({"decoder.attention." + k: v for k, v in dattention.items()})
     if cache.embedding_dropout is not None:
