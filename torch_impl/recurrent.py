@@ -81,6 +81,8 @@ class Linear(NamedTuple):
     float32 CPU layers in eager mode: oneDNN's matmul with packed weights beats the BLAS
     addmm on small-M products (~25% at (32, 512) x (512, 2048) on this project's AVX-512
     CPU), and the T products of a time loop share one packing. Elsewhere it is None (addmm).
+    W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ): both the packing and addmm read
+    it in place, with no contiguous copy.
     """
     weight: Tensor          # W (N, K)
     packed: Tensor | None
@@ -398,7 +400,7 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
             dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
             dout_d = None if dlayer_out is None else dlayer_out[..., d * H:(d + 1) * H]
             dgates_x, dgates_h, dstate0 = _direction_backward(
-                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t().contiguous(), B),
+                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t(), B),
                 cache.valid, d == 1)
             for ds0, ds in zip(dstates0, dstate0):
                 ds0[i] = ds
@@ -410,7 +412,7 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
                 dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum(0)
                 dparams[f"bias_hh_l{k}{s}"] = dgates_h.sum(0)
             if k > 0 or need_dx:
-                dx_d = Linear.of(w_ih.t().contiguous(), T * B)(dgates_x).view(T, B, -1)
+                dx_d = Linear.of(w_ih.t(), T * B)(dgates_x).view(T, B, -1)
                 dx = dx_d if dx is None else dx + dx_d
         dlayer_out = dx
         if k > 0 and cache.dropout_masks is not None:
