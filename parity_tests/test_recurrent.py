@@ -247,6 +247,30 @@ def test_state_dict_round_trips_exactly_through_torch_impl_and_torch_nn(
         np.testing.assert_array_equal(back.params[name], value, err_msg=name)
 
 
+def test_bias_gradients_are_separate_tensors(kind: str) -> None:
+    """The LSTM's and RNN's bias_ih and bias_hh gradients are equal (one sum of dgates
+    serves both), but each must be its own tensor, in the functional API's dparams and in
+    the module's .grad: an in-place update of one (an optimizer's grad.mul_) must not change
+    the other."""
+    layer = layer_class("torch_impl", kind)(3, 4, num_layers=2, bidirectional=True,
+                                            **nonlinearity_kwargs(kind)).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    forward, backward = functional_pair("torch_impl", kind)
+    (out, _), cache = forward(x, dict(layer.named_parameters()), **nonlinearity_kwargs(kind))
+    dparams = backward(torch.ones_like(out), cache)[1]
+    layer(x)[0].sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    for where, g in (("dparams", dparams), (".grad", grads)):
+        for name in ("l0", "l1_reverse"):
+            g_ih, g_hh = g[f"bias_ih_{name}"], g[f"bias_hh_{name}"]
+            assert g_ih.data_ptr() != g_hh.data_ptr(), f"{where} {name}"
+            if kind != "gru":
+                torch.testing.assert_close(g_ih, g_hh, rtol=0, atol=0)
+            before = g_hh.clone()
+            g_ih.mul_(2.0)
+            torch.testing.assert_close(g_hh, before, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- invariants
 
 def _rows(inputs: RecurrentInputs, rows: slice | list[int], steps: int | None = None,

@@ -409,8 +409,11 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
             dparams[f"weight_ih_l{k}{s}"] = dgates_x.t() @ layer_input
             dparams[f"weight_hh_l{k}{s}"] = dgates_h.t() @ cache.directions[i].h_prev.view(T * B, H)
             if bias:
-                dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum(0)
-                dparams[f"bias_hh_l{k}{s}"] = dgates_h.sum(0)
+                db = dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum(0)
+                # one sum where dgates_h is dgates_x (RNN, LSTM); a copy, so that no two
+                # parameters' .grad alias one tensor
+                dparams[f"bias_hh_l{k}{s}"] = (dgates_h.sum(0) if cell.separate_dgates_h
+                                               else db.clone())
             if k > 0 or need_dx:
                 dx_d = Linear.of(w_ih.t(), T * B)(dgates_x).view(T, B, -1)
                 dx = dx_d if dx is None else dx + dx_d
