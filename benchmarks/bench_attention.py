@@ -63,20 +63,34 @@ def bench_shape(T: int, d: int, args: argparse.Namespace) -> list[dict[str, Any]
                      for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
-    impls = {
-        "F.sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "torch_impl": lambda q, k, v: torch_impl.scaled_dot_product_attention(q, k, v,
-                                                                              causal=True),
-    }
+    if args.padding:
+        # every other sequence padded over its last quarter: torch_impl takes the key padding
+        # mask, F.sdpa one bool mask (True = attend) of padding and causality together
+        pad = torch.zeros(B, T, dtype=torch.bool, device=args.device)
+        pad[::2, T - T // 4:] = True
+        visible = ~pad[:, None, None, :] & torch.ones(T, T, dtype=torch.bool,
+                                                      device=args.device).tril()
+        impls = {
+            "F.sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=visible),
+            "torch_impl": lambda q, k, v: torch_impl.scaled_dot_product_attention(
+                q, k, v, key_padding_mask=pad, causal=True),
+        }
+    else:
+        visible = None
+        impls = {
+            "F.sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "torch_impl": lambda q, k, v: torch_impl.scaled_dot_product_attention(q, k, v,
+                                                                                  causal=True),
+        }
     with torch.no_grad():
         expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                  is_causal=True)
+                                                  attn_mask=visible, is_causal=visible is None)
     rows = []
     for workload, backward in (("forward", False), ("forward+backward", True)):
         for name, fn in impls.items():
             run = runner(fn, q, k, v, dout, backward)
             out = run()
-            err = float((out.double() - expected).norm() / expected.norm())
+            err = float((out.detach().double() - expected).norm() / expected.norm())
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             timing = time_call(run, args.device, warmup=args.warmup, repeat=args.repeat,
@@ -84,7 +98,8 @@ def bench_shape(T: int, d: int, args: argparse.Namespace) -> list[dict[str, Any]
             peak = (torch.cuda.max_memory_allocated() / 2**20
                     if args.device.startswith("cuda") else None)
             t = timing["median_s"]
-            rows.append({"op": "causal attention", "workload": workload, "impl": name,
+            op = "causal attention" + (", key padding" if args.padding else "")
+            rows.append({"op": op, "workload": workload, "impl": name,
                          "shape": {"B": B, "h": h, "T": T, "d": d}, "dtype": args.dtype,
                          "device": args.device, **timing, "tokens_per_s": B * T / t,
                          "tflop_per_s": flops(B, h, T, d, True, backward) / t / 1e12,
@@ -119,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--padding", action="store_true",
+                   help="also a key padding mask: every other sequence padded over its last "
+                        "quarter")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     command = announce_command("benchmarks.bench_attention", argv)
@@ -129,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(rows)
     out_dir = args.out or Path(__file__).parent / "results" / machine_slug(args.device)
     stem = f"attention_{args.device.split(':')[0]}_{args.dtype}_B{args.batch}_h{args.heads}"
+    stem += "_padded" if args.padding else ""
+    title = "Causal attention" + (" with key padding" if args.padding else "")
     payload = {"command": command, "machine": machine_info(args.device), "rows": rows}
-    paths = write_results(out_dir, stem, payload,
-                          f"# Causal attention\n\n`{command}`\n\n{table}\n")
+    paths = write_results(out_dir, stem, payload, f"# {title}\n\n`{command}`\n\n{table}\n")
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0

@@ -52,7 +52,7 @@ def flops(cell: str, B: int, T: int, I: int, H: int, backward: bool) -> float:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 

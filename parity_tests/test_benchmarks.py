@@ -133,3 +133,39 @@ def test_step_costs_times_every_piece_of_both_steps(tmp_path: Path) -> None:
     for r in rows:
         assert 0 < r["host"] <= r["total"] and r["device"] is None, r
     assert (tmp_path / "step_costs_cpu_float32_B2_H8.md").read_text().startswith("# Per-step")
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_attention_benchmark_rows_agree_with_float64(tmp_path: Path, padding: bool) -> None:
+    """benchmarks.bench_attention at a tiny size, with and without key padding: both
+    implementations, both workloads, each within float32 rounding of float64 SDPA."""
+    from benchmarks import bench_attention
+    argv = ["--lengths", "12", "--head-dims", "8", "--batch", "2", "--heads", "2", "--repeat",
+            "1", "--warmup", "0", "--min-seconds", "0", "--out", str(tmp_path)]
+    assert bench_attention.main(argv + (["--padding"] if padding else [])) == 0
+    stem = "attention_cpu_float32_B2_h2" + ("_padded" if padding else "")
+    rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    assert {(r["impl"], r["workload"]) for r in rows} == {
+        (impl, w) for impl in ("F.sdpa", "torch_impl") for w in ("forward", "forward+backward")}
+    for r in rows:
+        assert r["op"].endswith("key padding") == padding
+        assert r["median_s"] > 0 and r["rel_err_vs_float64"] < 1e-5, r
+
+
+def test_recurrent_benchmark_records_its_rows_and_tf32_flags(tmp_path: Path) -> None:
+    """benchmarks.bench_recurrent at a tiny size on the CPU: torch.nn, torch_impl and the
+    reference for both cells and workloads, errors against torch.nn within float32 rounding,
+    and the TF32 flags in force (which only the CUDA float32 rows depend on)."""
+    from benchmarks import bench_recurrent
+    assert bench_recurrent.main(["--batch", "2", "--length", "3", "--hidden", "8", "--repeat",
+                                 "1", "--warmup", "0", "--min-seconds", "0",
+                                 "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "recurrent_cpu_float32_B2_T3_H8.json").read_text())
+    assert set(payload["tf32"]) == {"matmul_allow_tf32", "cudnn_allow_tf32"}
+    rows = payload["rows"]
+    assert {(r["layer"], r["workload"], r["impl"]) for r in rows} == {
+        (cell, w, impl) for cell in ("lstm", "gru") for w in ("forward", "forward+backward")
+        for impl in ("torch.nn", "torch_impl", "reference")}
+    for r in rows:
+        assert r["median_s"] > 0 and r["rel_err_vs_torch_nn"] < 1e-5, r
+        assert "host_median_s" not in r  # a CUDA-only column

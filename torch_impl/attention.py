@@ -147,7 +147,8 @@ class AttentionCache(NamedTuple):
     k: Tensor              # (B, h, Tk, d)
     v: Tensor              # (B, h, Tk, dv)
     out: Tensor            # (B, h, Tq, dv)
-    lse: Tensor            # L (B, h, Tq), compute dtype; +inf where a row sees no key
+    lse: Tensor            # L (B, h, Tq), compute dtype; where a row sees no key, +inf (the
+                           # blocked loop) or 0 (ATen's kernels): P = exp(-inf - L) = 0 both ways
     masks: AttentionMasks
     scale: float           # s
     block_k: int
@@ -191,14 +192,33 @@ def _dropped(p: Tensor, masks: AttentionMasks, start: int, stop: int) -> Tensor:
 
 def _aten_flash_fits(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> bool:
     """Whether ATen's fused CPU flash-attention kernels compute exactly this attention: CPU
-    float32/float64, dv = d, no attn_mask, key padding or dropout, and causal only with
-    Tq = Tk (ATen aligns the causal mask top-left, this module bottom-right; they agree when
-    Tq = Tk) or Tq = 1 (a decoder step: its one query sees every key, so the mask is empty).
-    Then no row is fully masked, and ATen's (out, logsumexp) are (out, L) here."""
+    float32/float64, dv = d, no dropout, and causal only with Tq = Tk (ATen aligns the causal
+    mask top-left, this module bottom-right; they agree when Tq = Tk) or Tq = 1 (a decoder
+    step: its one query sees every key, so the mask is empty). attn_mask and key padding go
+    to ATen as one additive mask (``_aten_mask``). A row that sees no key gets out 0 there
+    too, and L = 0 rather than this module's +inf: either way its P = exp(-inf - L) is 0 in
+    the backward and in the head weights, so ATen's (out, logsumexp) serve as (out, L)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and q.shape[-1] == v.shape[-1] and masks.attn_mask is None
-            and masks.key_padding_mask is None and masks.keep_mask is None
+            and q.shape[-1] == v.shape[-1] and masks.keep_mask is None
             and (not masks.causal or q.shape[-2] in (1, k.shape[-2])))
+
+
+def _aten_mask(q: Tensor, masks: AttentionMasks) -> Tensor | None:
+    """attn_mask and the key padding as the one additive 4-d mask ATen's CPU flash kernels
+    take (0 where a key is visible, -inf where masked, a float attn_mask as given), size 1
+    along what neither varies by; None when there is neither (causal goes as is_causal)."""
+    mask = masks.attn_mask
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                mask, -math.inf)
+        mask = mask if mask.dim() == 4 else mask[None, None]
+    if masks.key_padding_mask is not None:
+        padding = masks.key_padding_mask[:, None, None, :]
+        padding = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            padding, -math.inf)
+        mask = padding if mask is None else mask + padding
+    return mask
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, scale: float,
@@ -207,7 +227,8 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, s
         # the same blocked online softmax in ATen's C++ (what F.scaled_dot_product_attention
         # runs on the CPU), with causal blocks skipped: 2-3x the Python loop below
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, masks.causal and q.shape[-2] > 1, attn_mask=None, scale=scale)[:2]
+            q, k, v, 0.0, masks.causal and q.shape[-2] > 1, attn_mask=_aten_mask(q, masks),
+            scale=scale)[:2]
         return out, AttentionCache(q, k, v, out, lse, masks, scale, block_k)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
@@ -239,7 +260,7 @@ def _attention_backward(dout: Tensor, cache: AttentionCache) -> tuple[Tensor, Te
     if _aten_flash_fits(q, k, v, masks) and lse.dtype == q.dtype:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out, lse, 0.0, masks.causal and q.shape[-2] > 1,
-            attn_mask=None, scale=scale)
+            attn_mask=_aten_mask(q, masks), scale=scale)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc, do = q.to(compute), k.to(compute), v.to(compute), dout.to(compute)
     tk = k.shape[-2]
