@@ -211,10 +211,9 @@ def test_torch_impl_attention_float64_matches_reference(config: AttentionConfig,
 @example(config=SINGLE_QUERY, block_k=1)
 def test_blocked_loop_matches_reference_where_aten_kernels_would_run(config: AttentionConfig,
                                                                     block_k: int) -> None:
-    """The CPU sends float attention without dropout (causal only with Tq = Tk or Tq = 1;
-    attn_mask and key padding as one additive mask) to ATen's flash kernels
-    (_aten_flash_fits); the blocked Python loop, forced here, still matches the reference on
-    those inputs, so both paths stay tested (issue #5)."""
+    """The CPU sends float attention with dv = d and no dropout to ATen's flash kernels
+    (_aten_flash_fits; masks as one additive mask); the blocked Python loop, forced here,
+    still matches the reference on those inputs, so both paths stay tested (issue #5)."""
     inputs = build_attention_inputs(config)
     expected = run_reference_attention_with_condition(inputs, FLOAT64_CONDITION_LIMIT)
     with mock.patch.object(tim, "_aten_flash_fits", lambda *args: False):

@@ -192,32 +192,38 @@ def _dropped(p: Tensor, masks: AttentionMasks, start: int, stop: int) -> Tensor:
 
 def _aten_flash_fits(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> bool:
     """Whether ATen's fused CPU flash-attention kernels compute exactly this attention: CPU
-    float32/float64, dv = d, no dropout, and causal only with Tq = Tk (ATen aligns the causal
-    mask top-left, this module bottom-right; they agree when Tq = Tk) or Tq = 1 (a decoder
-    step: its one query sees every key, so the mask is empty). attn_mask and key padding go
-    to ATen as one additive mask (``_aten_mask``). A row that sees no key gets out 0 there
-    too, and L = 0 rather than this module's +inf: either way its P = exp(-inf - L) is 0 in
-    the backward and in the head weights, so ATen's (out, logsumexp) serve as (out, L)."""
+    float32/float64, dv = d and no dropout (ATen draws its own dropout). attn_mask, key
+    padding and a causal mask that ATen's is_causal cannot express go to it as one additive
+    mask (``_aten_mask``). A row that sees no key gets out 0 there too, and L = 0 rather than
+    this module's +inf: either way its P = exp(-inf - L) is 0 in the backward and in the head
+    weights, so ATen's (out, logsumexp) serve as (out, L)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and q.shape[-1] == v.shape[-1] and masks.keep_mask is None
-            and (not masks.causal or q.shape[-2] in (1, k.shape[-2])))
+            and q.shape[-1] == v.shape[-1] and masks.keep_mask is None)
 
 
-def _aten_mask(q: Tensor, masks: AttentionMasks) -> Tensor | None:
-    """attn_mask and the key padding as the one additive 4-d mask ATen's CPU flash kernels
-    take (0 where a key is visible, -inf where masked, a float attn_mask as given), size 1
-    along what neither varies by; None when there is neither (causal goes as is_causal)."""
-    mask = masks.attn_mask
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                mask, -math.inf)
-        mask = mask if mask.dim() == 4 else mask[None, None]
+def _aten_is_causal(q: Tensor, k: Tensor, masks: AttentionMasks) -> bool:
+    """ATen's is_causal aligns the mask top-left, this module bottom-right: they agree when
+    Tq = Tk. With Tq = 1 (a decoder step) the one query sees every key: no mask at all."""
+    return masks.causal and 1 < q.shape[-2] == k.shape[-2]
+
+
+def _aten_mask(q: Tensor, k: Tensor, masks: AttentionMasks) -> Tensor | None:
+    """attn_mask, the key padding and a causal mask with 1 < Tq != Tk as the one additive 4-d
+    mask ATen's CPU flash kernels take (0 where a key is visible, -inf where masked, a float
+    attn_mask as given), size 1 along what none varies by; None when there is none."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    hidden = [masks.attn_mask] if masks.attn_mask is not None else []
     if masks.key_padding_mask is not None:
-        padding = masks.key_padding_mask[:, None, None, :]
-        padding = torch.zeros(padding.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            padding, -math.inf)
-        mask = padding if mask is None else mask + padding
+        hidden.append(masks.key_padding_mask[:, None, None, :])
+    if masks.causal and tq not in (1, tk):  # query i sees keys j <= i + Tk - Tq
+        hidden.append(torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(tk - tq + 1))
+    mask = None
+    for part in hidden:
+        if part.dtype == torch.bool:
+            part = torch.zeros(part.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                part, -math.inf)
+        part = part if part.dim() == 4 else part[None, None]
+        mask = part if mask is None else mask + part
     return mask
 
 
@@ -227,7 +233,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, s
         # the same blocked online softmax in ATen's C++ (what F.scaled_dot_product_attention
         # runs on the CPU), with causal blocks skipped: 2-3x the Python loop below
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, masks.causal and q.shape[-2] > 1, attn_mask=_aten_mask(q, masks),
+            q, k, v, 0.0, _aten_is_causal(q, k, masks), attn_mask=_aten_mask(q, k, masks),
             scale=scale)[:2]
         return out, AttentionCache(q, k, v, out, lse, masks, scale, block_k)
     compute = _compute_dtype(q.dtype)
@@ -259,8 +265,8 @@ def _attention_backward(dout: Tensor, cache: AttentionCache) -> tuple[Tensor, Te
     q, k, v, out, lse, masks, scale, block_k = cache
     if _aten_flash_fits(q, k, v, masks) and lse.dtype == q.dtype:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, masks.causal and q.shape[-2] > 1,
-            attn_mask=_aten_mask(q, masks), scale=scale)
+            dout.contiguous(), q, k, v, out, lse, 0.0, _aten_is_causal(q, k, masks),
+            attn_mask=_aten_mask(q, k, masks), scale=scale)
     compute = _compute_dtype(q.dtype)
     qc, kc, vc, do = q.to(compute), k.to(compute), v.to(compute), dout.to(compute)
     tk = k.shape[-2]
