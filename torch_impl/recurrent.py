@@ -72,6 +72,7 @@ class Cell(NamedTuple):
 # ----------------------------------------------------------------------------- matrix products
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACK_MIN_ROWS = 2048  # rows through one weight (all its uses) from which packing it pays
 
 
 class Linear(NamedTuple):
@@ -81,16 +82,22 @@ class Linear(NamedTuple):
     float32 CPU layers in eager mode: oneDNN's matmul with packed weights beats the BLAS
     addmm on small-M products (~25% at (32, 512) x (512, 2048) on this project's AVX-512
     CPU), and the T products of a time loop share one packing. Elsewhere it is None (addmm).
-    W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ): both the packing and addmm read
-    it in place, with no contiguous copy.
+    W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ): addmm reads it in place, and the
+    packing copies it anyway. Packing pays only when enough rows go through the packed weight:
+    it is done when ``uses * rows`` (T B for the time loop's products and for the input
+    products alike) reaches PACK_MIN_ROWS. Measured on this CPU at H 128-512, one thread: an input product of
+    256-512 rows ran 5-35% slower packed (packing included) and one of 2048 rows 5-15% faster;
+    at B 8, H 256 a step's product saves about 20 µs packed, and packing W_hh costs about
+    1.1 ms, more than 32 steps save.
     """
     weight: Tensor          # W (N, K)
     packed: Tensor | None
 
     @staticmethod
-    def of(weight: Tensor, rows: int) -> Linear:
+    def of(weight: Tensor, rows: int, uses: int = 1) -> Linear:
+        """W for ``uses`` products of ``rows`` rows each."""
         if (_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
+                and uses * rows >= PACK_MIN_ROWS and not torch.compiler.is_compiling()):
             return Linear(weight, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
         return Linear(weight, None)
 
@@ -303,7 +310,7 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
             w_ih = Linear.of(params[f"weight_ih_l{k}{s}"], T * B)
             xw = w_ih(layer_input.view(T * B, -1), b_ih).view(T, B, -1)  # one matmul for all t
             state0 = tuple(s0[k * D + d] for s0 in args.states0)
-            w_hh = Linear.of(params[f"weight_hh_l{k}{s}"], B)
+            w_hh = Linear.of(params[f"weight_hh_l{k}{s}"], B, uses=T)
             state, h, cache = _direction_forward(cell, xw, state0, w_hh, b_hh, args.valid,
                                                  reverse=d == 1)
             hs.append(h)
@@ -400,7 +407,7 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
             dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
             dout_d = None if dlayer_out is None else dlayer_out[..., d * H:(d + 1) * H]
             dgates_x, dgates_h, dstate0 = _direction_backward(
-                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t(), B),
+                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t(), B, uses=T),
                 cache.valid, d == 1)
             for ds0, ds in zip(dstates0, dstate0):
                 ds0[i] = ds

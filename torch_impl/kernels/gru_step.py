@@ -182,8 +182,10 @@ def gru_step_backward_torch(dh: Tensor, saved: Tensor, h_prev: Tensor, active: T
         dxw, dhh = saved.new_empty(B, 3 * H), saved.new_empty(B, 3 * H)
     dr_pre, dz_pre, dn_pre = dxw.chunk(3, dim=1)
     torch.mul(dh * (1.0 - z), 1.0 - n * n, out=dn_pre)      # h_t = (1 - z) ⊙ n + z ⊙ h_{t-1},
-    torch.mul(dn_pre * hh_n, r * (1.0 - r), out=dr_pre)     # n = tanh(xw_n + r ⊙ hh_n)
-    torch.mul(dh * (h_prev - n), z * (1.0 - z), out=dz_pre)
+    torch.mul(dn_pre, hh_n, out=dr_pre)                     # n = tanh(xw_n + r ⊙ hh_n)
+    torch.mul(dh, h_prev - n, out=dz_pre)
+    rz = saved[:, :2 * H]                                   # σ' = s(1 - s) of r and z at once
+    dxw[:, :2 * H].mul_(rz * (1.0 - rz))
     dhh[:, :2 * H].copy_(dxw[:, :2 * H])
     torch.mul(dn_pre, r, out=dhh[:, 2 * H:])
     dh_prev = dh * z

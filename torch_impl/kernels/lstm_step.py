@@ -209,12 +209,15 @@ def lstm_step_backward_torch(dh: Tensor, dc: Tensor, gates: Tensor, c_prev: Tens
         dgates = torch.empty_like(gates)
     da_i, da_f, da_g, da_o = dgates.chunk(4, dim=1)
     tanh_c = _tanh(c)
-    do = dh * tanh_c                                         # h_t = o ⊙ tanh(c_t)
     dc_total = dc + dh * o * (1.0 - tanh_c * tanh_c)
-    torch.mul(dc_total * g, i * (1.0 - i), out=da_i)         # c_t = f ⊙ c_{t-1} + i ⊙ g,
-    torch.mul(dc_total * c_prev, f * (1.0 - f), out=da_f)    # then σ' and tanh' of the gates
+    # the gradients reaching i, f, o (c_t = f ⊙ c_{t-1} + i ⊙ g, h_t = o ⊙ tanh(c_t)), then
+    # σ' = s(1 - s) on the whole row at once (few ops count on the CPU: each costs µs at any
+    # size); g's slot, multiplied too, is then written with dg ⊙ tanh'(g)
+    torch.mul(dc_total, g, out=da_i)
+    torch.mul(dc_total, c_prev, out=da_f)
+    torch.mul(dh, tanh_c, out=da_o)
+    dgates.mul_(gates * (1.0 - gates))
     torch.mul(dc_total * i, 1.0 - g * g, out=da_g)
-    torch.mul(do, o * (1.0 - o), out=da_o)
     dc_prev = dc_total * f
     if active is None:
         return dgates, None, dc_prev
