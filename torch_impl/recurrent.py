@@ -85,10 +85,10 @@ class Linear(NamedTuple):
     W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ): addmm reads it in place, and the
     packing copies it anyway. Packing pays only when enough rows go through the packed weight:
     it is done when ``uses * rows`` (T B for the time loop's products and for the input
-    products alike) reaches PACK_MIN_ROWS. Measured on this CPU at H 128-512, one thread: an input product of
-    256-512 rows ran 5-35% slower packed (packing included) and one of 2048 rows 5-15% faster;
-    at B 8, H 256 a step's product saves about 20 µs packed, and packing W_hh costs about
-    1.1 ms, more than 32 steps save.
+    products alike) reaches PACK_MIN_ROWS. Measured on this CPU at H 128-512, one thread:
+    an input product of 256-512 rows ran 5-35% slower packed (packing included) and one of
+    2048 rows 5-15% faster; at B 8, H 256 a step's product saves about 20 µs packed, and
+    packing W_hh costs about 1.1 ms, more than 32 steps save.
     """
     weight: Tensor          # W (N, K)
     packed: Tensor | None
