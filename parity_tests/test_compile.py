@@ -120,3 +120,24 @@ def test_gpt_compiles_fullgraph_and_matches_eager() -> None:
     ids, targets = torch.randint(0, 13, (2, 6)), torch.randint(0, 13, (2, 6))
     targets[1, -2:] = -100
     assert_compiled_matches_eager(model, ("layer_norm", "cross_entropy"), ids, targets)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_one_compiled_rnnlm_serves_several_sequence_lengths(cell: str) -> None:
+    """A second sequence length recompiles (the time loop is unrolled per T, and dynamo marks
+    T dynamic on the second call): with fullgraph=True nothing in the layers may need T as a
+    concrete int until the loop. An eagerly built error message once did (str of a symbolic
+    size) and failed the second call. Each length matches eager in loss and gradients."""
+    torch.manual_seed(0)
+    B, V, E, H = 3, 11, 4, 6
+    model = tim.RNNLM(V, E, H, num_layers=2, cell=cell)
+    compiled, _ = compile_fullgraph(model)
+    for T in (3, 5, 6):
+        ids, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+        lengths = torch.tensor([T, 2, T - 1])
+        expected, expected_grads = run(model, model, ids, targets, lengths=lengths)
+        outputs, grads = run(compiled, model, ids, targets, lengths=lengths)
+        assert not torch._dynamo.utils.counters["graph_break"]
+        assert_close(outputs["loss"], expected["loss"], TORCH32_VS_REF64.forward, f"loss T={T}")
+        for name, grad in grads.items():
+            assert_close(grad, expected_grads[name], TORCH32_VS_REF64.gradient, f"d{name} T={T}")

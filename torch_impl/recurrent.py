@@ -217,7 +217,8 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
 
 def _check_dropout_masks(masks: Sequence[Tensor] | None, dropout: float, num_layers: int,
                          shape: tuple[int, int, int], device: torch.device) -> list[Tensor] | None:
-    expected = f"a list of {num_layers - 1} bool keep-masks of shape {shape_str(shape)}"
+    def expected() -> str:  # built only to raise: under torch.compile T may be symbolic
+        return f"a list of {num_layers - 1} bool keep-masks of shape {shape_str(shape)}"
     if dropout == 0 or num_layers == 1:
         if masks is not None and not (isinstance(masks, (list, tuple)) and len(masks) == 0):
             raise ValueError("dropout_masks: given, but no dropout applies here (dropout is 0 or "
@@ -225,11 +226,11 @@ def _check_dropout_masks(masks: Sequence[Tensor] | None, dropout: float, num_lay
         return None
     if masks is None:
         raise ValueError(f"dropout_masks: required when dropout > 0 and num_layers > 1 "
-                         f"(randomness is explicit): expected {expected}")
+                         f"(randomness is explicit): expected {expected()}")
     if not isinstance(masks, (list, tuple)):
-        raise TypeError(f"dropout_masks: expected {expected}, got {type(masks).__name__}")
+        raise TypeError(f"dropout_masks: expected {expected()}, got {type(masks).__name__}")
     if len(masks) != num_layers - 1:
-        raise ValueError(f"dropout_masks: expected {expected}, got {len(masks)} masks")
+        raise ValueError(f"dropout_masks: expected {expected()}, got {len(masks)} masks")
     for j, mask in enumerate(masks):
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"dropout_masks[{j}]: expected a bool tensor, "
