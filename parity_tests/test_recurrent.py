@@ -17,6 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from reference.gradcheck import gradcheck
+from torch_impl import recurrent as torch_impl_recurrent
 from torch_impl.kernels import kernel_path
 
 from .kernel_paths import NEEDS_TRITON
@@ -195,6 +196,35 @@ def test_torch_impl_module_float32_matches_reference_float64(
     inputs = make_recurrent_inputs(kind, config)
     run = torch_impl_module(kind, inputs, dtype=torch.float32)
     assert run.out.dtype == torch.float32 and run.dx.dtype == torch.float32
+    assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
+
+
+# T·B = 2048 rows: float32 layers reach PACK_MIN_ROWS and multiply by oneDNN-packed weights,
+# the backward's packed from W_hhᵀ and W_ihᵀ; the hypothesis configs above are all smaller.
+ONEDNN_PACKED = RecurrentConfig(batch=32, steps=64, input_size=5, hidden_size=4, num_layers=2,
+                                bidirectional=True, dropout=0.25, seed=5,
+                                lengths=tuple(64 - 7 * i % 64 for i in range(32)))  # 1..64
+
+
+@pytest.mark.skipif(not torch_impl_recurrent._ONEDNN,
+                    reason="needs torch built with oneDNN (#5: the packed CPU path)")
+@pytest.mark.parametrize("run_layer", [torch_impl_functional, torch_impl_module])
+def test_torch_impl_float32_on_the_onednn_packed_path_matches_reference(
+        kind: str, run_layer, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ONEDNN_PACKED.batch * ONEDNN_PACKED.steps >= torch_impl_recurrent.PACK_MIN_ROWS
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    packed = []
+
+    def counting_reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        packed.append(tuple(weight.shape))
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", counting_reorder)
+    inputs = make_recurrent_inputs(kind, ONEDNN_PACKED)
+    run = run_layer(kind, inputs, dtype=torch.float32)
+    # forward W_ih, W_hh and backward W_hhᵀ, W_ihᵀ of each of the 4 directions (layer 0's
+    # W_ihᵀ too: the runs ask for dx)
+    assert len(packed) == 4 * ONEDNN_PACKED.num_layers * ONEDNN_PACKED.directions
     assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
 
 
