@@ -206,8 +206,10 @@ ONEDNN_PACKED = RecurrentConfig(batch=32, steps=64, input_size=5, hidden_size=4,
                                 lengths=tuple(64 - 7 * i % 64 for i in range(32)))  # 1..64
 
 
-@pytest.mark.skipif(not torch_impl_recurrent._ONEDNN,
-                    reason="needs torch built with oneDNN (#5: the packed CPU path)")
+NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN, reason="needs oneDNN (#5)")
+
+
+@NEEDS_ONEDNN
 @pytest.mark.parametrize("run_layer", [torch_impl_functional, torch_impl_module])
 def test_torch_impl_float32_on_the_onednn_packed_path_matches_reference(
         kind: str, run_layer, monkeypatch: pytest.MonkeyPatch) -> None:
