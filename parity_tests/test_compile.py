@@ -22,6 +22,7 @@ import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import torch_impl as tim
+from torch_impl.kernels import kernel_path
 from parity_tests.parity import assert_close
 from parity_tests.tolerances import TORCH32_VS_REF64
 
@@ -70,9 +71,18 @@ def assert_compiled_matches_eager(model: torch.nn.Module, ops: tuple[str, ...], 
         assert_close(grad, expected_grads[name], TORCH32_VS_REF64.gradient, f"d{name}")
 
 
-@pytest.mark.parametrize("cell, op", [("lstm", "lstm_step"), ("gru", "gru_step")])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("path", ["native", "torch"])
 def test_rnnlm_with_lengths_and_dropout_compiles_fullgraph_and_matches_eager(cell: str,
-                                                                             op: str) -> None:
+                                                                             path: str) -> None:
+    """On the native path each layer direction is one seqtwin::recurrent_layer node (forward
+    and backward); on the torch path the unrolled loop calls the fused step op."""
+    op = "recurrent_layer" if path == "native" else f"{cell}_step"
+    with kernel_path(path):
+        _check_rnnlm_compiles(cell, op)
+
+
+def _check_rnnlm_compiles(cell: str, op: str) -> None:
     torch.manual_seed(0)
     B, T, V, E, H, L = 3, 5, 11, 4, 6, 2
     model = tim.RNNLM(V, E, H, num_layers=L, cell=cell, dropout=0.25).train()
@@ -86,10 +96,12 @@ def test_rnnlm_with_lengths_and_dropout_compiles_fullgraph_and_matches_eager(cel
                                   dropout_masks=masks)
 
 
-@pytest.mark.parametrize("cell, attention, op", [("gru", "general", "gru_step"),
-                                                 ("lstm", "bahdanau", "lstm_step")])
+# the encoder's layers and the decoder's recurrence (a whole layer for Luong attention, one
+# step at a time for Bahdanau's) run the whole-layer native op
+@pytest.mark.parametrize("cell, attention, ops", [("gru", "general", ("recurrent_layer",)),
+                                                  ("lstm", "bahdanau", ("recurrent_layer",))])
 def test_seq2seq_with_attention_compiles_fullgraph_and_matches_eager(cell: str, attention: str,
-                                                                     op: str) -> None:
+                                                                     ops: tuple) -> None:
     torch.manual_seed(0)
     config = tim.Seq2SeqConfig(src_vocab=9, tgt_vocab=8, embed_size=4, hidden_size=5,
                                cell=cell, attention=attention, bidirectional=True)
@@ -98,7 +110,7 @@ def test_seq2seq_with_attention_compiles_fullgraph_and_matches_eager(cell: str, 
     tgt_in, targets = torch.randint(1, 8, (2, 4)), torch.tensor([[3, 1, 0, 0], [2, 5, 7, 1]])
     # Seq2Seq's loss runs inside its hand-written Seq2SeqFunction: cross_entropy's forward
     # and backward ops are both traced there
-    assert_compiled_matches_eager(model, (op, "cross_entropy"), src, src_lengths, tgt_in,
+    assert_compiled_matches_eager(model, (*ops, "cross_entropy"), src, src_lengths, tgt_in,
                                   targets)
 
 
@@ -109,8 +121,8 @@ def test_seq2seq_with_a_teacher_mask_compiles_fullgraph_and_matches_eager() -> N
     model = tim.Seq2Seq(config)
     src, tgt_in = torch.randint(1, 9, (2, 5)), torch.randint(1, 8, (2, 4))
     teacher_mask = torch.tensor([[True, False, True, False], [True, True, False, False]])
-    assert_compiled_matches_eager(model, ("lstm_step", "cross_entropy"), src, None, tgt_in,
-                                  torch.randint(0, 8, (2, 4)), teacher_mask=teacher_mask)
+    assert_compiled_matches_eager(model, ("recurrent_layer", "cross_entropy"), src, None,
+                                  tgt_in, torch.randint(0, 8, (2, 4)), teacher_mask=teacher_mask)
 
 
 def test_gpt_compiles_fullgraph_and_matches_eager() -> None:

@@ -65,6 +65,20 @@ from .tolerances import (
 pytestmark = pytest.mark.parametrize("kind", RECURRENT_KINDS)
 BACKENDS = pytest.mark.parametrize("backend", ["reference", "torch_impl"])
 
+
+@pytest.fixture
+def recurrent_path(request: pytest.FixtureRequest):
+    """Run the test on one of the CPU layer paths: the native whole-layer kernel
+    (kernels/cpu/recurrent.cpp; a build failure fails the test) or the per-step torch loop."""
+    with kernel_path(request.param):
+        yield request.param
+
+
+def both_paths(test):
+    """Run a layer property on both CPU paths."""
+    test = pytest.mark.parametrize("recurrent_path", ["native", "torch"], indirect=True)(test)
+    return pytest.mark.usefixtures("recurrent_path")(test)
+
 # Edge cases every layer property also runs (as @example).
 ONE_STEP_ONE_UNIT = RecurrentConfig(batch=1, steps=1, input_size=1, hidden_size=1, seed=1)
 LENGTH_ONE_BESIDE_FULL = RecurrentConfig(batch=2, steps=6, input_size=3, hidden_size=4,
@@ -155,6 +169,7 @@ def test_torch_impl_cell_matches_torch_nn_cell(kind: str, config: CellConfig) ->
 
 # ------------------------------------------------------------------------ torch_impl vs reference
 
+@both_paths
 @given(config=recurrent_configs(dropout=None))
 @example(config=ONE_STEP_ONE_UNIT)
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -167,6 +182,7 @@ def test_torch_impl_functional_float64_matches_reference(kind: str,
                       TORCH64_VS_REF64)
 
 
+@both_paths
 @given(config=recurrent_configs(dropout=None))
 @example(config=ONE_STEP_ONE_UNIT)
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -177,6 +193,7 @@ def test_torch_impl_module_float64_matches_reference(kind: str, config: Recurren
                       TORCH64_VS_REF64)
 
 
+@both_paths
 @given(config=float32_configs())
 @example(config=ONE_STEP_ONE_UNIT)
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -188,6 +205,7 @@ def test_torch_impl_functional_float32_matches_reference_float64(
     assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
 
 
+@both_paths
 @given(config=float32_configs())
 @example(config=ONE_STEP_ONE_UNIT)
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -211,6 +229,8 @@ NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN, reason="need
 
 @NEEDS_ONEDNN
 @pytest.mark.parametrize("run_layer", [torch_impl_functional, torch_impl_module])
+@pytest.mark.parametrize("recurrent_path", ["torch"], indirect=True)
+@pytest.mark.usefixtures("recurrent_path")
 def test_torch_impl_float32_on_the_onednn_packed_path_matches_reference(
         kind: str, run_layer, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ONEDNN_PACKED.batch * ONEDNN_PACKED.steps >= torch_impl_recurrent.PACK_MIN_ROWS
@@ -244,6 +264,7 @@ def test_reference_matches_torch_nn_with_unequal_lengths(kind: str,
     assert_runs_close(reference_module(kind, inputs), expected, TORCHNN64_VS_OURS64, "module ")
 
 
+@both_paths
 @given(config=recurrent_configs())
 @example(config=ONE_STEP_ONE_UNIT)
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -321,6 +342,7 @@ def _rows(inputs: RecurrentInputs, rows: slice | list[int], steps: int | None = 
                            tuple(d[:, rows] for d in inputs.dfinals))
 
 
+@both_paths
 @BACKENDS
 @given(config=recurrent_configs(dropout=None, min_batch=2), cut=st.floats(0.0, 1.0))
 @example(config=LENGTH_ONE_BESIDE_FULL, cut=0.5)
@@ -345,6 +367,7 @@ def test_splitting_the_batch_in_two_gives_the_same_results(backend: str, kind: s
     assert_runs_close(joined, whole, FLOAT64_REORDERED)
 
 
+@both_paths
 @BACKENDS
 @given(config=recurrent_configs(dropout=None, max_batch=4))
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -371,6 +394,7 @@ def test_padded_batch_equals_each_sequence_run_alone(backend: str, kind: str,
     assert_all_close(whole.dparams, dparams_sum, FLOAT64_REORDERED.gradient, "sum of alone d")
 
 
+@both_paths
 @pytest.mark.parametrize("backend", ["reference", "torch_impl", "torch_impl_module"])
 @given(config=recurrent_configs(dropout=None))
 @example(config=LENGTH_ONE_BESIDE_FULL)
@@ -388,6 +412,7 @@ def test_padded_outputs_and_input_gradients_are_exactly_zero(backend: str, kind:
 
 # ----------------------------------------------------------------------------- dropout
 
+@both_paths
 @given(config=recurrent_configs(dropout=True))
 @example(config=TINY_DROPOUT)
 def test_torch_impl_matches_reference_with_dropout_masks(kind: str,
@@ -409,6 +434,7 @@ def _layer_params(params: dict, layer: int) -> dict:
     return renamed
 
 
+@both_paths
 @BACKENDS
 @given(config=recurrent_configs(dropout=True))
 @example(config=TINY_DROPOUT)

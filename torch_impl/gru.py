@@ -93,7 +93,7 @@ def _gru_step_backward(dstate: tuple[Tensor], cache: GRUStepCache, w_hh_t: Linea
 
 
 GRU_CELL = Cell(num_gates=3, num_states=1, step=_gru_step, step_backward=_gru_step_backward,
-                separate_dgates_h=True)
+                separate_dgates_h=True, name="gru")
 
 
 # ----------------------------------------------------------------------------- cell

@@ -96,7 +96,7 @@ def _lstm_step_backward(dstate: tuple[Tensor, Tensor], cache: LSTMStepCache, w_h
 
 
 LSTM_CELL = Cell(num_gates=4, num_states=2, step=_lstm_step, step_backward=_lstm_step_backward,
-                 separate_dgates_h=False)
+                 separate_dgates_h=False, name="lstm")
 
 
 # ----------------------------------------------------------------------------- cell

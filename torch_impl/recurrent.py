@@ -40,6 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import native_kernels
+from .kernels.recurrent_layer import (
+    LayerOutputs,
+    final_of,
+    h_of,
+    h_prev_of,
+    layer_backward,
+    layer_forward,
+)
 from .checks import (
     check_float_tensor,
     check_lengths,
@@ -67,6 +76,7 @@ class Cell(NamedTuple):
     # only where separate_dgates_h)
     step_backward: Callable
     separate_dgates_h: bool  # GRU's r ⊙ (W_hn h + b_hn) makes dgates_h differ from dgates_x
+    name: str                # the whole-layer op's cell: "rnn_tanh", "rnn_relu", "lstm", "gru"
 
 
 # ----------------------------------------------------------------------------- matrix products
@@ -185,6 +195,7 @@ class RecurrentArgs(NamedTuple):
     layout: Layout
     states0: tuple[Tensor, ...]        # h0 (, c0), each (L*D, B, H), zeros where None was given
     valid: Tensor | None               # (T, B) bool, t < lengths[b]; None: no lengths
+    lengths: Tensor | None             # (B,) int64 on x's device
     dropout: float
     dropout_masks: list[Tensor] | None  # L-1 bool keep-masks (B, T, D*H)
 
@@ -212,10 +223,11 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
     # masked whenever lengths are given, even all T: deciding by their values would read them
     # (a device sync, and a graph break under torch.compile)
     if lengths is not None:
-        valid = torch.arange(T, device=x.device)[:, None] < lengths.to(x.device)[None, :]
+        lengths = lengths.to(x.device).contiguous()
+        valid = torch.arange(T, device=x.device)[:, None] < lengths[None, :]
     dropout = check_probability("dropout", dropout, allow_one=True)
     masks = _check_dropout_masks(dropout_masks, dropout, L, (B, T, D * H), x.device)
-    return RecurrentArgs(layout, tuple(states), valid, dropout, masks)
+    return RecurrentArgs(layout, tuple(states), valid, lengths, dropout, masks)
 
 
 def _check_dropout_masks(masks: Sequence[Tensor] | None, dropout: float, num_layers: int,
@@ -277,8 +289,9 @@ class RecurrentCache(NamedTuple):
     params: Mapping[str, Tensor]
     layout: Layout
     inputs: list[Tensor]            # inputs[k]: x^k (T, B, I_k), layer k's input after dropout
-    directions: list[DirectionCache]  # index k*D + d
+    directions: list  # index k*D + d: DirectionCache, or LayerOutputs of the native kernel
     valid: Tensor | None            # (T, B) t < lengths[b]
+    lengths: Tensor | None          # (B,) int64
     dropout_masks: list[Tensor] | None
     dropout_scale: float            # 1 / (1 - p), 0 when p == 1
     out_dtype: torch.dtype          # the caller's dtype; the cache holds the compute dtype
@@ -305,12 +318,25 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
     inputs, directions = [], []
     finals = [[] for _ in range(cell.num_states)]
     layer_input = x.transpose(0, 1).contiguous()  # (T, B, I)
+    native, module = native_path(x)
     for k in range(L):
         hs = []
         for d in range(D):
             s = SUFFIXES[d]
             b_ih, b_hh = (params[f"bias_ih_l{k}{s}"], params[f"bias_hh_l{k}{s}"]) if bias \
                 else (None, None)
+            if native:  # the whole time loop in one native call
+                outputs = layer_forward(module, cell.name, layer_input,
+                                        params[f"weight_ih_l{k}{s}"],
+                                        params[f"weight_hh_l{k}{s}"], b_ih, b_hh,
+                                        *(s0[k * D + d] for s0 in args.states0),
+                                        *((None,) if cell.num_states == 1 else ()),
+                                        args.lengths, d == 1)
+                hs.append(h_of(outputs, d == 1))
+                directions.append(outputs)
+                for final, states in zip(finals, (outputs.hs, outputs.cs)):
+                    final.append(final_of(states, d == 1))
+                continue
             w_ih = Linear.of(params[f"weight_ih_l{k}{s}"], T * B)
             xw = w_ih(layer_input.view(T * B, -1), b_ih).view(T, B, -1)  # one matmul for all t
             state0 = tuple(s0[k * D + d] for s0 in args.states0)
@@ -330,9 +356,25 @@ def recurrent_forward(cell: Cell, x: Tensor, params: Mapping[str, Tensor], args:
             layer_input = out * args.dropout_masks[k].transpose(0, 1) * scale
     states_n = tuple(torch.stack(final).to(out_dtype) for final in finals)
     cache = RecurrentCache(cell, params, args.layout, inputs, directions, args.valid,
-                           args.dropout_masks, scale, out_dtype)
+                           args.lengths, args.dropout_masks, scale, out_dtype)
     return (out.transpose(0, 1).to(out_dtype, memory_format=torch.contiguous_format),
             states_n), cache
+
+
+@torch.compiler.assume_constant_result
+def _native_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the native whole-layer kernel runs on such tensors (fixed when compiled)."""
+    return native_kernels("recurrent", torch.empty(0, device=device_type, dtype=dtype)) \
+        is not None
+
+
+def native_path(x: Tensor):
+    """(whether a layer on x runs the native whole-layer kernel, the extension to call in
+    eager mode or None to go through the op, as torch.compile does)."""
+    if torch.compiler.is_compiling():
+        return _native_runs(x.device.type, x.dtype), None
+    module = native_kernels("recurrent", x)
+    return module is not None, module
 
 
 def _direction_forward(cell: Cell, xw: Tensor, state: tuple[Tensor, ...], w_hh: Linear,
@@ -400,25 +442,41 @@ def recurrent_backward(cache: RecurrentCache, dout: Tensor | None,
     # dstates0[j][k*D + d]: filled layer by layer from the top, stacked at the end
     dstates0 = [[None] * (L * D) for _ in range(cell.num_states)]
     dlayer_out = None if dout is None else dout.transpose(0, 1)  # (T, B, D*H)
+    native = isinstance(cache.directions[0], LayerOutputs)
+    module = native_path(x)[1] if native else None
     dx = None
     for k in range(L - 1, -1, -1):
         layer_input = cache.inputs[k].view(T * B, -1)
+        if native and dlayer_out is not None and cache.valid is not None:
+            # out_t = h_t ⊙ [t < lengths[b]]: masked once, the kernel reads the view in place
+            dlayer_out = torch.where(cache.valid.unsqueeze(-1), dlayer_out, 0.0)
         dx = None
         for d in range(D):
             s = SUFFIXES[d]
             i = k * D + d
             w_ih, w_hh = params[f"weight_ih_l{k}{s}"], params[f"weight_hh_l{k}{s}"]
-            dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
             dout_d = None if dlayer_out is None else dlayer_out[..., d * H:(d + 1) * H]
-            dgates_x, dgates_h, dstate0 = _direction_backward(
-                cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t(), B, uses=T),
-                cache.valid, d == 1)
+            if native:
+                outputs = cache.directions[i]
+                dgates_x, dgates_h, *dstate0 = layer_backward(
+                    module, cell.name, dout_d, *(None if ds is None else ds[i]
+                                                 for ds in dstates_n),
+                    *((None,) if cell.num_states == 1 else ()), w_hh, outputs, cache.lengths,
+                    d == 1)
+                dstate0 = dstate0[:cell.num_states]
+                h_prev = h_prev_of(outputs, d == 1)
+            else:
+                dstate = tuple(x.new_zeros(B, H) if ds is None else ds[i] for ds in dstates_n)
+                dgates_x, dgates_h, dstate0 = _direction_backward(
+                    cell, dout_d, dstate, cache.directions[i], Linear.of(w_hh.t(), B, uses=T),
+                    cache.valid, d == 1)
+                h_prev = cache.directions[i].h_prev
             for ds0, ds in zip(dstates0, dstate0):
                 ds0[i] = ds
             dgates_x, dgates_h = dgates_x.view(T * B, -1), dgates_h.view(T * B, -1)
             # Weight gradients wait until after the time loop: one (G*H, T*B) @ (T*B, ·) matmul.
             dparams[f"weight_ih_l{k}{s}"] = dgates_x.t() @ layer_input
-            dparams[f"weight_hh_l{k}{s}"] = dgates_h.t() @ cache.directions[i].h_prev.view(T * B, H)
+            dparams[f"weight_hh_l{k}{s}"] = dgates_h.t() @ h_prev.reshape(T * B, H)
             if bias:
                 db = dparams[f"bias_ih_l{k}{s}"] = dgates_x.sum(0)
                 # one sum where dgates_h is dgates_x (RNN, LSTM); a copy, so that no two

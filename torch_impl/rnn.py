@@ -75,7 +75,7 @@ def _rnn_step_backward(dstate: tuple[Tensor], cache: RNNStepCache, w_hh_t: Linea
 
 RNN_CELLS = {act: Cell(num_gates=1, num_states=1, step=partial(_rnn_step, nonlinearity=act),
                        step_backward=partial(_rnn_step_backward, nonlinearity=act),
-                       separate_dgates_h=False)
+                       separate_dgates_h=False, name=f"rnn_{act}")
              for act in NONLINEARITIES}
 
 

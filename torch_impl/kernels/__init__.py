@@ -1,18 +1,21 @@
 """Fused kernels behind ``torch.library`` custom ops (namespace ``seqtwin::``), one op per file.
 
-Each op has two implementations of the same math: Triton kernels (forward and backward) and a
-plain-torch path. Which one runs is decided when the op runs (so also inside
+Each op has up to three implementations of the same math: Triton kernels for CUDA, native
+C++ kernels for the CPU (``kernels/cpu/*.cpp``, built on first use; see ``native.py``), and a
+plain-torch path for any device. Which one runs is decided when the op runs (so also inside
 ``torch.compile``d code), by one process-wide switch:
 
-- ``"auto"`` (default): Triton for CUDA tensors when triton is installed, the torch path
-  otherwise (CPU tensors always take the torch path).
+- ``"auto"`` (default): Triton for CUDA tensors when triton is installed; the native kernels
+  for float32/float64 CPU tensors when they build; the torch path otherwise.
 - ``"triton"``: always Triton. On CPU tensors this is only valid under ``TRITON_INTERPRET=1``
   set before triton is first imported (triton's interpreter: slow, for tests at small
   shapes); otherwise the op raises.
+- ``"native"``: the C++ kernels on CPU tensors (raises if they cannot be built or the tensor
+  is not a float32/float64 CPU tensor).
 - ``"torch"``: always the plain-torch path, on every device.
 
     set_kernel_path("torch")            # or, scoped:
-    with kernel_path("triton"): ...
+    with kernel_path("native"): ...
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from . import native
+
 try:
     import triton
     import triton.language as tl
@@ -30,9 +35,9 @@ except ImportError:  # the torch path needs no triton; the Triton path says why 
     triton = tl = None
 
 __all__ = ["KERNEL_PATHS", "kernel_path", "get_kernel_path", "set_kernel_path", "HAS_TRITON",
-           "flash_attention"]
+           "native_available", "flash_attention"]
 
-KERNEL_PATHS = ("auto", "triton", "torch")
+KERNEL_PATHS = ("auto", "triton", "native", "torch")
 HAS_TRITON = triton is not None
 # triton picks compiled or interpreted kernels (its own library's too) when it is imported
 _INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,7 +76,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op on ``x`` runs its Triton kernels under the current path (raises if the
     path is "triton" and they cannot run)."""
-    if _path == "torch":
+    if _path in ("torch", "native"):
         return False
     if _path == "auto":
         return HAS_TRITON and x.is_cuda
@@ -83,6 +88,32 @@ def use_triton(x: torch.Tensor) -> bool:
                            "interpreter (TRITON_INTERPRET=1 set before triton is imported); "
                            "use a CUDA device or the 'torch'/'auto' path")
     return True
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def native_kernels(name: str, x: torch.Tensor):
+    """The built extension of ``kernels/cpu/<name>.cpp`` when an op on ``x`` runs it under the
+    current path, else None (raises if the path is "native" and it cannot run)."""
+    if _path in ("torch", "triton"):
+        return None
+    fits = x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES
+    if _path == "auto":
+        return native.load(name) if fits else None
+    if not fits:
+        raise RuntimeError(f"kernel path 'native': the C++ kernels take float32/float64 CPU "
+                           f"tensors, got {x.dtype} on {x.device}; use the 'auto' path")
+    module = native.load(name)
+    if module is None:
+        raise RuntimeError(f"kernel path 'native': the C++ kernel {name}.cpp is unavailable "
+                           f"({native._failure}); use the 'auto' or 'torch' path")
+    return module
+
+
+def native_available(name: str) -> bool:
+    """Whether the native CPU kernel ``name`` (e.g. "recurrent") builds and loads here."""
+    return native.available(name)
 
 
 def use_op(x: torch.Tensor) -> bool:
