@@ -22,9 +22,9 @@ import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import torch_impl as tim
-from torch_impl.kernels import kernel_path
 from parity_tests.parity import assert_close
 from parity_tests.tolerances import TORCH32_VS_REF64
+from torch_impl.kernels import kernel_path
 
 # the recording backend hands AOT autograd unboxed graph callables, which only costs a warning
 pytestmark = pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from reference.gradcheck import gradcheck
 from torch_impl import recurrent as torch_impl_recurrent
-from torch_impl.kernels import kernel_path
+from torch_impl.kernels import kernel_path, native
 
 from .kernel_paths import NEEDS_TRITON
 from .parity import assert_all_close, assert_close, to_numpy
@@ -247,6 +247,24 @@ def test_torch_impl_float32_on_the_onednn_packed_path_matches_reference(
     # forward W_ih, W_hh and backward W_hhᵀ, W_ihᵀ of each of the 4 directions (layer 0's
     # W_ihᵀ too: the runs ask for dx)
     assert len(packed) == 4 * ONEDNN_PACKED.num_layers * ONEDNN_PACKED.directions
+    assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
+
+
+@pytest.mark.parametrize("run_layer", [torch_impl_functional, torch_impl_module])
+@pytest.mark.parametrize("recurrent_path", ["native"], indirect=True)
+@pytest.mark.usefixtures("recurrent_path")
+def test_torch_impl_float32_with_packed_weights_on_the_native_path_matches_reference(
+        kind: str, run_layer) -> None:
+    """T·B = 2048 rows: the native kernel multiplies by MKL-packed W_hh, forward and backward
+    (the hypothesis configs stay below its pack_min_rows)."""
+    module = native.load("recurrent")
+    assert ONEDNN_PACKED.batch * ONEDNN_PACKED.steps >= module.get_pack_min_rows()
+    before = module.packings()
+    inputs = make_recurrent_inputs(kind, ONEDNN_PACKED)
+    run = run_layer(kind, inputs, dtype=torch.float32)
+    if torch.backends.mkl.is_available():  # the packed GEMM is MKL's
+        assert module.packings() - before == 2 * ONEDNN_PACKED.num_layers * \
+            ONEDNN_PACKED.directions
     assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
 
 

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .kernels import use_op, use_triton
 from .kernels.gru_step import (
@@ -148,36 +147,6 @@ def gru_backward(dout: Tensor | None, cache: RecurrentCache, dh_n: Tensor | None
     return dx, dparams, dh0
 
 
-# ----------------------------------------------------------------------------- autograd
-
-class GRUFunction(torch.autograd.Function):
-    """(out, h_n) = GRU(x, h0; params) with the hand-written gru backward.
-
-    apply(x, h0, lengths, dropout, dropout_masks, keys, *weights), where weights[j] is
-    params[keys[j]]; h0 may be None; lengths and masks get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, h0, lengths, dropout, dropout_masks, keys, *weights):
-        (out, h_n), cache = gru_forward(x, dict(zip(keys, weights)), h0, lengths, dropout,
-                                        dropout_masks)
-        ctx.save_for_backward(x, h0, *weights)  # version-counter checks on the inputs
-        ctx.cache = cache
-        ctx.keys = keys
-        ctx.set_materialize_grads(False)
-        return out, h_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dh_n):
-        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
-        need = ctx.needs_input_grad
-        dx, dparams, (dh0,) = recurrent_backward(ctx.cache, dout, (dh_n,), need_dx=need[0])
-        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[6:])]
-        return (dx if need[0] else None, dh0 if need[1] else None,
-                None, None, None, None, *dweights)
-
-
 class GRU(RecurrentModule):
     """torch.nn.GRU(batch_first=True) with the hand-written backward of gru.py.
 
@@ -189,7 +158,4 @@ class GRU(RecurrentModule):
     def forward(self, x: Tensor, h0: Tensor | None = None, lengths: Tensor | None = None,
                 dropout_masks: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """x (B, T, I) -> (out (B, T, D*H), h_n (L*D, B, H))."""
-        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
-        keys = self.param_keys()
-        return GRUFunction.apply(x, h0, lengths, dropout, dropout_masks, tuple(keys),
-                                 *(getattr(self, key) for key in keys))
+        return self._apply_layer(GRU_CELL, x, h0, None, lengths, dropout_masks)

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .kernels import use_op, use_triton
 from .kernels.lstm_step import (
@@ -152,37 +151,6 @@ def lstm_backward(dout: Tensor | None, cache: RecurrentCache, dh_n: Tensor | Non
     return dx, dparams, dh0, dc0
 
 
-# ----------------------------------------------------------------------------- autograd
-
-class LSTMFunction(torch.autograd.Function):
-    """(out, h_n, c_n) = LSTM(x, h0, c0; params) with the hand-written lstm backward.
-
-    apply(x, h0, c0, lengths, dropout, dropout_masks, keys, *weights), where weights[j]
-    is params[keys[j]]; h0, c0 may be None; lengths and masks get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, lengths, dropout, dropout_masks, keys, *weights):
-        (out, (h_n, c_n)), cache = lstm_forward(x, dict(zip(keys, weights)), h0, c0, lengths,
-                                                dropout, dropout_masks)
-        ctx.save_for_backward(x, h0, c0, *weights)  # version-counter checks on the inputs
-        ctx.cache = cache
-        ctx.keys = keys
-        ctx.set_materialize_grads(False)
-        return out, h_n, c_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, dh_n, dc_n):
-        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
-        need = ctx.needs_input_grad
-        dx, dparams, (dh0, dc0) = recurrent_backward(ctx.cache, dout, (dh_n, dc_n),
-                                                     need_dx=need[0])
-        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[7:])]
-        return (dx if need[0] else None, dh0 if need[1] else None, dc0 if need[2] else None,
-                None, None, None, None, *dweights)
-
-
 class LSTM(RecurrentModule):
     """torch.nn.LSTM(batch_first=True) with the hand-written backward of lstm.py.
 
@@ -195,8 +163,5 @@ class LSTM(RecurrentModule):
                 lengths: Tensor | None = None, dropout_masks: Sequence[Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, T, I) -> (out (B, T, D*H), (h_n, c_n) (L*D, B, H))."""
-        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
-        keys = self.param_keys()
-        out, h_n, c_n = LSTMFunction.apply(x, h0, c0, lengths, dropout, dropout_masks,
-                                           tuple(keys), *(getattr(self, key) for key in keys))
+        out, h_n, c_n = self._apply_layer(LSTM_CELL, x, h0, c0, lengths, dropout_masks)
         return out, (h_n, c_n)

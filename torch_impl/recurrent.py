@@ -39,7 +39,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
+from .checks import (
+    check_float_tensor,
+    check_lengths,
+    check_positive_int,
+    check_probability,
+    check_shape,
+    shape_str,
+)
 from .kernels import native_kernels
 from .kernels.recurrent_layer import (
     LayerOutputs,
@@ -48,14 +57,6 @@ from .kernels.recurrent_layer import (
     h_prev_of,
     layer_backward,
     layer_forward,
-)
-from .checks import (
-    check_float_tensor,
-    check_lengths,
-    check_positive_int,
-    check_probability,
-    check_shape,
-    shape_str,
 )
 
 SUFFIXES = ("", "_reverse")  # direction d = 0 (forward), 1 (reverse)
@@ -587,6 +588,42 @@ def cell_backward(dstate_new: Sequence[Tensor | None], cache: CellCache
     return dgates_x @ cache.weight_ih, dstate, dparams
 
 
+# ----------------------------------------------------------------------------- autograd
+
+class RecurrentFunction(torch.autograd.Function):
+    """(out, *states_n) = the layer of ``cell`` over x with the hand-written backward above:
+    (out, h_n) for the RNN and the GRU, (out, h_n, c_n) for the LSTM.
+
+    apply(cell, x, h0, c0, lengths, dropout, dropout_masks, keys, *weights), where weights[j]
+    is params[keys[j]]; h0, c0 may be None (c0 always, but for the LSTM); lengths and masks
+    get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, x, h0, c0, lengths, dropout, dropout_masks, keys, *weights):
+        names = {"h0": h0} if cell.num_states == 1 else {"h0": h0, "c0": c0}
+        params = dict(zip(keys, weights))
+        args = check_recurrent_args(x, params, cell.num_gates, names, lengths, dropout,
+                                    dropout_masks)
+        (out, states_n), cache = recurrent_forward(cell, x, params, args)
+        ctx.save_for_backward(x, h0, c0, *weights)  # version-counter checks on the inputs
+        ctx.cache = cache
+        ctx.keys = keys
+        ctx.set_materialize_grads(False)
+        return (out, *states_n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, *dstates_n):
+        _ = ctx.saved_tensors  # raises if an input was modified in place since forward
+        need = ctx.needs_input_grad
+        dx, dparams, dstates0 = recurrent_backward(ctx.cache, dout, dstates_n, need_dx=need[1])
+        dweights = [dparams[key] if n else None for key, n in zip(ctx.keys, need[8:])]
+        dh0 = dstates0[0] if need[2] else None
+        dc0 = dstates0[1] if len(dstates0) > 1 and need[3] else None
+        return (None, dx if need[1] else None, dh0, dc0, None, None, None, None, *dweights)
+
+
 # ----------------------------------------------------------------------------- module
 
 class RecurrentModule(nn.Module):
@@ -637,6 +674,15 @@ class RecurrentModule(nn.Module):
             dropout_masks = [torch.empty(shape, device=x.device).bernoulli_(1.0 - self.dropout)
                              .bool() for _ in range(self.num_layers - 1)]
         return self.dropout, dropout_masks
+
+    def _apply_layer(self, cell: Cell, x: Tensor, h0: Tensor | None, c0: Tensor | None,
+                     lengths: Tensor | None, dropout_masks: Sequence[Tensor] | None
+                     ) -> tuple[Tensor, ...]:
+        """(out, *states_n) through RecurrentFunction with this module's parameters."""
+        dropout, dropout_masks = self._dropout_args(x, dropout_masks)
+        keys = self.param_keys()
+        return RecurrentFunction.apply(cell, x, h0, c0, lengths, dropout, dropout_masks,
+                                       tuple(keys), *(getattr(self, key) for key in keys))
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"

@@ -32,7 +32,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -87,6 +89,59 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   c.addmm_(a, w, beta, 1);
 #endif
 }
+
+#ifdef SEQTWIN_MKL
+// MKL's packed GEMM (float32 only): the weight is copied once into MKL's blocked layout and the
+// T products of a time loop reuse it, which pays on the small row counts of a step.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest);
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                         const float* a, int lda, const float* b, int ldb, float beta,
+                         float* c, int ldc);
+}
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+#endif
+
+// Packing pays once this many rows go through the weight in one call (T B); tuned on the CPU.
+int64_t pack_min_rows = 256;
+std::atomic<int64_t> packings{0};  // weights packed so far (tests check the path is taken)
+
+// W of a loop's products a (M, K) -> a op(W), packed when that pays; see gemm_rows.
+template <typename T>
+struct StepWeight {
+  const T* w;
+  bool w_is_nk;
+  int64_t N, K;
+  Tensor packed;  // MKL's packed copy, or undefined
+
+  StepWeight(const T* w_, bool nk, int64_t M, int64_t N_, int64_t K_, int64_t uses)
+      : w(w_), w_is_nk(nk), N(N_), K(K_) {
+#ifdef SEQTWIN_MKL
+    if (std::is_same<T, float>::value && M * uses >= pack_min_rows && uses > 1) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, M, N, K);
+      packed = at::empty({static_cast<int64_t>((bytes + 3) / 4)}, at::kFloat);
+      cblas_sgemm_pack(kRowMajor, kBMatrix, nk ? kTrans : kNoTrans, M, N, K, 1.0f,
+                       reinterpret_cast<const float*>(w), nk ? K : N, packed.data_ptr<float>());
+      packings.fetch_add(1);
+    }
+#endif
+  }
+
+  // C (M, N) = beta C + A op(W)
+  void apply(int64_t M, const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+#ifdef SEQTWIN_MKL
+    if (packed.defined()) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, M, N, K,
+                          reinterpret_cast<const float*>(A), lda, packed.data_ptr<float>(), N,
+                          static_cast<float>(beta), reinterpret_cast<float*>(C), ldc);
+      return;
+    }
+#endif
+    gemm_rows<T>(M, N, K, A, lda, w, w_is_nk, beta, C, ldc);
+  }
+};
 
 // ------------------------------------------------------------------------------ pointwise
 
@@ -363,6 +418,7 @@ void forward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, T* xw, const T
                   const T* b_hh, T* hs, T* cs, T* saved, T* hh, const int64_t* lengths,
                   bool reverse) {
   const int64_t G = num_gates(cell), BH = B * H;
+  const StepWeight<T> W_hh(w_hh, true, B, G * H, H, Tn);  // a Wᵀ for W_hh (G*H, H)
   for (int64_t step = 0; step < Tn; ++step) {
     const int64_t t = reverse ? Tn - 1 - step : step;
     const Slots at_ = slots(t, reverse);
@@ -370,13 +426,13 @@ void forward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, T* xw, const T
     T* h = hs + at_.next * BH;
     T* a = xw + t * B * G * H;
     if (cell == GRU) {
-      gemm_rows<T>(B, 3 * H, H, h_prev, H, w_hh, true, T(0), hh, 3 * H);
+      W_hh.apply(B, h_prev, H, T(0), hh, 3 * H);
       for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) {
         gru_rows<T>(a, hh, b_hh, h_prev, h, saved + t * B * 4 * H, H, b0, b1, lengths, t);
       });
       continue;
     }
-    gemm_rows<T>(B, G * H, H, h_prev, H, w_hh, true, T(1), a, G * H);  // a = xw_t + W_hh h
+    W_hh.apply(B, h_prev, H, T(1), a, G * H);  // a = xw_t + W_hh h_{t-1}
     if (cell == LSTM) {
       const T* c_prev = cs + at_.prev * BH;
       T* c = cs + at_.next * BH;
@@ -397,6 +453,7 @@ void backward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, const T* dout
                    T* dgx, T* dgh, T* dh_a, T* dh_b, T* dc, const int64_t* lengths,
                    bool reverse) {
   const int64_t G = num_gates(cell), BH = B * H;
+  const StepWeight<T> W_hh(w_hh, false, B, H, G * H, Tn);  // d W for W_hh (G*H, H)
   T* dh_in = dh_a;
   T* dh_out = dh_b;
   for (int64_t step = 0; step < Tn; ++step) {
@@ -426,7 +483,7 @@ void backward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, const T* dout
                              lengths, t);
       });
     }
-    gemm_rows<T>(B, H, G * H, dg_h, G * H, w_hh, false, T(1), dh_out, H);  // + dgates_h W_hh
+    W_hh.apply(B, dg_h, G * H, T(1), dh_out, H);  // + dgates_h W_hh
     std::swap(dh_in, dh_out);
   }
   if (dh_in != dh_a) {
@@ -564,4 +621,8 @@ std::vector<Tensor> backward(int64_t cell, const c10::optional<Tensor>& dout,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "one direction of one recurrent layer over all steps");
   m.def("backward", &backward, "its backward: dgates and the initial states' gradients");
+  m.def("set_pack_min_rows", [](int64_t rows) { pack_min_rows = rows; },
+        "pack W_hh (float32, MKL) when T*B reaches this many rows");
+  m.def("get_pack_min_rows", [] { return pack_min_rows; });
+  m.def("packings", [] { return packings.load(); }, "how many weights were packed so far");
 }
