@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .checks import (
+    check_finite_tensors,
     check_float_tensor,
     check_lengths,
     check_positive_int,
@@ -185,7 +186,7 @@ def infer_layout(params: Mapping[str, Tensor], num_gates: int, dtype: torch.dtyp
     for key, shape in param_shapes(layout, num_gates).items():
         if key not in params:
             raise ValueError(f"params: missing key {key!r} (expected shape {shape_str(shape)})")
-        check_float_tensor(f"params[{key!r}]", params[key], shape, dtype=dtype)
+        check_float_tensor(f"params[{key!r}]", params[key], shape, dtype=dtype, finite=False)
     return layout
 
 
@@ -205,7 +206,7 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
                          states0: Mapping[str, Tensor | None], lengths: Tensor | None,
                          dropout: float, dropout_masks: Sequence[Tensor] | None) -> RecurrentArgs:
     """Validate the arguments of rnn/lstm/gru_forward; ``states0`` maps "h0" (, "c0") to tensors."""
-    check_float_tensor("x", x, ("B", "T", "I"))
+    check_float_tensor("x", x, ("B", "T", "I"), finite=False)
     layout = infer_layout(params, num_gates, x.dtype)
     B, T, _ = x.shape
     L, D, I, H, _ = layout
@@ -218,7 +219,12 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
         if s0 is None:
             states.append(x.new_zeros(L * D, B, H))
         else:
-            states.append(check_float_tensor(name, s0, (L * D, B, H), dtype=x.dtype))
+            states.append(check_float_tensor(name, s0, (L * D, B, H), dtype=x.dtype,
+                                             finite=False))
+    # NaN/inf in x, the given states or any weight: one read back for all of them
+    check_finite_tensors([("x", x), *((name, s0) for name, s0 in states0.items()
+                                      if s0 is not None),
+                          *((f"params[{key!r}]", p) for key, p in params.items())])
     lengths = check_lengths(lengths, B, T)
     valid = None
     # masked whenever lengths are given, even all T: deciding by their values would read them
