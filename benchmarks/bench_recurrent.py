@@ -1,8 +1,17 @@
 """Recurrent layers, side by side: reference (NumPy), torch_impl (eager), torch.nn (oneDNN/cuDNN).
 
 Each row is one implementation of one layer on one workload (forward only, or
-forward + backward) at one shape, with tokens/s, achieved GFLOP/s and the
-relative error of its output against torch.nn on the same inputs.
+forward + backward) at one shape, with tokens/s, achieved GFLOP/s, its speed
+relative to torch.nn and the relative error of its output against torch.nn on
+the same inputs.
+
+Timing (harness.py): this process makes one untimed call of each implementation
+for the error column; ``--processes`` fresh worker processes (this command with
+``--worker FILE``) then each time a workload's implementations interleaved
+(``--warmup`` calls each, then rounds A B C, C B A, ... for at least ``--rounds``
+rounds and ``--budget`` seconds). Times and ratios are the median over the processes of
+each process's median, with the min-max over the processes; threads are pinned
+in every process.
 
 FLOP count (matrix products only; the pointwise work is O(B T G H) and left
 out), per layer and direction with G gates (RNN 1, LSTM 4, GRU 3)::
@@ -20,6 +29,8 @@ Run one at a time, e.g.::
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -30,11 +41,17 @@ import torch
 import reference
 import torch_impl
 from benchmarks.harness import (
+    aggregate,
     announce_command,
+    format_ratio,
+    interleave,
     machine_info,
     machine_slug,
     markdown_table,
-    time_call,
+    pin_threads,
+    process_summary,
+    ratio_key,
+    run_processes,
     write_results,
 )
 
@@ -91,10 +108,15 @@ def reference_runner(module: Any, x: np.ndarray, dout: np.ndarray,
     return run
 
 
-def bench_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def implementations(cell: str, args: argparse.Namespace
+                    ) -> tuple[list[tuple[str, Callable[[bool], Callable[[], Any]]]], torch.Tensor]:
+    """Every implementation of one layer on the same weights and inputs, as (name, runner of
+    a workload: forward only (False) or forward+backward (True)), and torch.nn's forward
+    output. Seeded, so that every process builds the same ones."""
     B, T, H = args.batch, args.length, args.hidden
     I = args.input or H
     dtype = TORCH_DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     nn_layer = NN_CLASSES[cell](I, H, num_layers=args.layers, batch_first=True)
     nn_layer = nn_layer.to(device=args.device, dtype=dtype)
@@ -123,43 +145,69 @@ def bench_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         x_np = x.detach().float().cpu().numpy().astype(ref_dtype)
         dout_np = dout.float().cpu().numpy().astype(ref_dtype)
         impls.append(("reference", lambda bw: reference_runner(ref, x_np, dout_np, bw)))
+    return impls, expected
 
+
+WORKLOADS = (("forward", False), ("forward+backward", True))
+
+
+def check_cell(cell: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per workload and implementation with its error against torch.nn (one untimed
+    call); the workers add the times."""
+    B, T, H = args.batch, args.length, args.hidden
+    I = args.input or H
+    impls, expected = implementations(cell, args)
     rows = []
-    for workload, backward in (("forward", False), ("forward+backward", True)):
+    for workload, backward in WORKLOADS:
         for name, make in impls:
-            run = make(backward)
-            out = run()
-            err = relative_error(torch.as_tensor(out), expected)
-            timing = time_call(run, args.device, warmup=args.warmup, repeat=args.repeat,
-                               min_seconds=args.min_seconds)
-            t = timing["median_s"]
+            err = relative_error(torch.as_tensor(make(backward)()), expected)
             rows.append({"layer": cell, "workload": workload, "impl": name,
                          "shape": {"B": B, "T": T, "I": I, "H": H, "layers": args.layers},
-                         "dtype": args.dtype, "device": args.device, **timing,
-                         "tokens_per_s": B * T / t,
-                         "gflop_per_s": flops(cell, B, T, I, H, backward) * args.layers / t / 1e9,
+                         "dtype": args.dtype, "device": args.device,
+                         "flops": flops(cell, B, T, I, H, backward) * args.layers,
                          "rel_err_vs_torch_nn": err})
-            print(f"  {cell:4s} {workload:16s} {name:10s} {t * 1e3:9.2f} ms  "
-                  f"{B * T / t:12,.0f} tok/s  err {err:.1e}", file=sys.stderr, flush=True)
     return rows
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """One line per row; on CUDA with a "host ms" column (the time until the call returned,
-    before synchronising: when it is close to the median, the host is the bottleneck)."""
-    baseline = {(r["layer"], r["workload"]): r["median_s"] for r in rows if r["impl"] == "torch.nn"}
-    on_cuda = any("host_median_s" in r for r in rows)
-    table = []
+def time_cell(cell: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One worker's timing of a layer: per workload, its implementations interleaved."""
+    impls, _ = implementations(cell, args)
+    summaries = {}
+    for workload, backward in WORKLOADS:
+        calls = {name: make(backward) for name, make in impls}
+        times = interleave(calls, args.device, args.warmup, args.rounds, args.budget)
+        summaries[f"{cell} {workload}"] = process_summary(
+            times, [(name, "torch.nn") for name in calls if name != "torch.nn"])
+        print(f"  [worker] {cell} {workload}: " + ", ".join(
+            f"{name} {statistics.median(t) * 1e3:.2f} ms" for name, t in times.items()),
+              file=sys.stderr, flush=True)
+    return summaries
+
+
+def add_times(rows: list[dict[str, Any]], processes: list[dict[str, Any]], threads: int) -> None:
+    """The workers' times and ratios, over processes, into the rows."""
     for r in rows:
-        speedup = baseline[(r["layer"], r["workload"])] / r["median_s"]
-        spread = f"{r['q1_s'] * 1e3:.2f}-{r['q3_s'] * 1e3:.2f}"
-        host = [f"{r['host_median_s'] * 1e3:.2f}"] if on_cuda else []
-        table.append([r["layer"], r["workload"], r["impl"], f"{r['median_s'] * 1e3:.2f}", spread,
-                      *host, f"{r['tokens_per_s']:,.0f}", f"{r['gflop_per_s']:.1f}",
-                      f"{speedup:.2f}x", f"{r['rel_err_vs_torch_nn']:.1e}"])
-    return markdown_table(["layer", "workload", "impl", "median ms", "IQR ms",
-                           *(["host ms"] if on_cuda else []), "tokens/s", "GFLOP/s",
-                           "vs torch.nn", "rel err vs torch.nn"], table)
+        timing = aggregate([p["workloads"][f"{r['layer']} {r['workload']}"] for p in processes],
+                           threads)
+        t = timing["median_s"][r["impl"]]
+        B, T = r["shape"]["B"], r["shape"]["T"]
+        r.update(median_s=t["median"], min_s=t["min"], max_s=t["max"],
+                 processes=t["processes"], threads=threads, rounds=timing["rounds"],
+                 tokens_per_s=B * T / t["median"], gflop_per_s=r["flops"] / t["median"] / 1e9,
+                 vs_torch_nn=timing["ratios"].get(ratio_key(r["impl"], "torch.nn")))
+        print(f"  {r['layer']:4s} {r['workload']:16s} {r['impl']:10s} {t['median'] * 1e3:9.2f} ms"
+              f"  {r['tokens_per_s']:12,.0f} tok/s  {format_ratio(r['vs_torch_nn'])}  "
+              f"err {r['rel_err_vs_torch_nn']:.1e}", file=sys.stderr, flush=True)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    table = [[r["layer"], r["workload"], r["impl"], f"{r['median_s'] * 1e3:.2f}",
+              f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}", f"{r['tokens_per_s']:,.0f}",
+              f"{r['gflop_per_s']:.1f}",
+              "1.00x" if r["impl"] == "torch.nn" else format_ratio(r["vs_torch_nn"]),
+              f"{r['rel_err_vs_torch_nn']:.1e}"] for r in rows]
+    return markdown_table(["layer", "workload", "impl", "median ms", "range ms", "tokens/s",
+                           "GFLOP/s", "vs torch.nn", "rel err vs torch.nn"], table)
 
 
 def set_tf32(mode: str) -> dict[str, bool]:
@@ -183,9 +231,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--input", type=int, default=0, help="input size (default: = hidden)")
     p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--min-seconds", type=float, default=0.5)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls of each implementation per process (default 2)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="at least this many interleaved rounds per workload and process")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="... and rounds until this many seconds were spent (default 2)")
+    p.add_argument("--processes", type=int, default=3,
+                   help="processes the timing is repeated in (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and BLAS threads, pinned in every process (default: torch's "
+                        "own count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", default="",
                    help="comma list of torch.compile backends to add as torch_impl rows, e.g. "
@@ -197,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the NumPy reference (slow at large sizes; CPU only)")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: benchmarks/results/<machine>)")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.compile = [b.strip() for b in args.compile.split(",") if b.strip()]
     if args.dtype in ("bfloat16", "float16"):
@@ -206,11 +263,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = announce_command("benchmarks.bench_recurrent", argv)
     tf32 = set_tf32(args.tf32)
-    rows = []
-    for cell in args.cells.split(","):
-        rows += bench_cell(cell.strip(), args)
+    threads = pin_threads(args.threads)
+    cells = [cell.strip() for cell in args.cells.split(",")]
+    if args.worker is not None:
+        workloads = {k: v for cell in cells for k, v in time_cell(cell, args).items()}
+        args.worker.write_text(json.dumps({"threads": threads, "workloads": workloads}))
+        return 0
+    command = announce_command("benchmarks.bench_recurrent", argv)
+    print(f"threads: {threads}, timing in {args.processes} processes", file=sys.stderr)
+    rows = [row for cell in cells for row in check_cell(cell, args)]
+    processes = run_processes("benchmarks.bench_recurrent",
+                              list(sys.argv[1:] if argv is None else argv), args.processes,
+                              threads)
+    add_times(rows, processes, threads)
     table = summary_table(rows)
     out_dir = args.out or Path(__file__).parent / "results" / machine_slug(args.device)
     device = args.device.split(":")[0]
@@ -221,11 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         flags = ("TF32: torch matmul {matmul_allow_tf32}, cuDNN {cudnn_allow_tf32}\n\n"
                  .format(**tf32))
     payload = {"command": command, "machine": machine_info(args.device), "tf32": tf32,
-               "rows": rows}
-    md = f"# Recurrent layers\n\n`{command}`\n\n{flags}{table}\n"
+               "threads": threads, "processes": args.processes, "rows": rows}
+    method = (f"{threads} threads; {args.processes} processes, each timing the implementations "
+              f"interleaved after {args.warmup} warm-up calls, >= {args.rounds} rounds and "
+              f"{args.budget:g} s per workload; median over processes, range min-max over "
+              "processes.\n\n")
+    md = f"# Recurrent layers\n\n`{command}`\n\n{flags}{method}{table}\n"
     paths = write_results(out_dir, stem, payload, md)
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    print(f"reproduce with: {command}")
     return 0
 
 

@@ -15,7 +15,8 @@
 #   recurrent  benchmarks.bench_recurrent LSTM/GRU B64 T128 H1024 vs cuDNN: float32 with TF32
 #              off on both sides and on on both sides, and bf16; eager and with CUDA graphs
 #              over the time loop (torch.compile "cudagraphs", whose perf hints, such as why
-#              it skipped a graph, go to the log)
+#              it skipped a graph, go to the log); 3 timing processes each, each compiling
+#              its own graphs, hence the longer limits
 # Results land in benchmarks/results/<gpu>/ and are packed into $OUT/results.tgz.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
@@ -77,12 +78,12 @@ for s in "$@"; do
             --out "$RESULTS" ;;
     recurrent)
         for tf32 in off on; do
-            TORCH_LOGS=perf_hints stage recurrent_fp32_tf32$tf32 100 $PY -m \
+            TORCH_LOGS=perf_hints stage recurrent_fp32_tf32$tf32 240 $PY -m \
                 benchmarks.bench_recurrent --device cuda --dtype float32 --tf32 $tf32 \
                 --batch 64 --length 128 --hidden 1024 --no-reference --compile cudagraphs \
                 --out "$RESULTS"
         done
-        TORCH_LOGS=perf_hints stage recurrent_bf16 100 $PY -m benchmarks.bench_recurrent \
+        TORCH_LOGS=perf_hints stage recurrent_bf16 240 $PY -m benchmarks.bench_recurrent \
             --device cuda --dtype bfloat16 --batch 64 --length 128 --hidden 1024 \
             --no-reference --compile cudagraphs --out "$RESULTS" ;;
     *) echo "unknown stage $s" ;;

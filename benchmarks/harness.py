@@ -1,5 +1,14 @@
 """The small shared timing harness: warm-up, repetitions, median and spread.
 
+A ratio between two implementations is measured the way this noisy machine
+needs (the project's rule): both interleaved in one process after a warm-up
+(``interleave``: rounds A B, B A, A B, ...), the ratio of each round taken and
+their median kept (``process_summary``), and the whole comparison repeated in
+fresh processes with the thread count pinned (``run_processes``), reported as
+the median and the min-max over those processes (``aggregate``). A benchmark
+script is its own worker: run with ``--worker FILE`` it measures and writes
+one process's summary to FILE.
+
 On CUDA every timed call is bracketed by synchronisation (the host clock is
 read only after the device has finished); on the CPU the thread count is
 recorded. ``machine_info`` records what a reader needs to trust a number:
@@ -15,7 +24,9 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +73,104 @@ def time_call(fn: Callable[[], Any], device: str = "cpu", warmup: int = 2, repea
     if device.startswith("cuda"):
         timing["host_median_s"] = statistics.median(host)
     return timing
+
+
+# --------------------------------------------------------------------------- interleaved ratios
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: workers run `-m benchmarks...` here
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def interleave(calls: dict[str, Callable[[], Any]], device: str = "cpu", warmup: int = 1,
+               min_rounds: int = 3, budget_s: float = 1.0, max_rounds: int = 1000
+               ) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, timed in rounds of one call each.
+
+    Each callable is first called ``warmup`` times. Then every round calls each once, in the
+    given order on even rounds and reversed on odd ones (A B, B A, A B, ...: ABBA), so that a
+    drift of the machine's speed, and the cost of following another call, fall on all alike.
+    Rounds go on until ``min_rounds`` were run and ``budget_s`` seconds were spent on them,
+    or ``max_rounds`` were run.
+    """
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(max(min_rounds, max_rounds)):
+        if r >= min_rounds and time.perf_counter() - start >= budget_s:
+            break
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_key(candidate: str, anchor: str) -> str:
+    return f"{candidate} vs {anchor}"
+
+
+def process_summary(times: dict[str, list[float]], pairs: list[tuple[str, str]]
+                    ) -> dict[str, Any]:
+    """One process's figures from ``interleave``: each callable's median time, and for each
+    (candidate, anchor) pair the candidate's speed relative to the anchor, anchor time /
+    candidate time, taken per round (both calls of a round ran side by side) and its median
+    over rounds kept."""
+    return {"rounds": min((len(t) for t in times.values()), default=0),
+            "median_s": {name: statistics.median(t) for name, t in times.items()},
+            "ratios": {ratio_key(c, a): statistics.median(
+                ta / tc for tc, ta in zip(times[c], times[a], strict=True)) for c, a in pairs}}
+
+
+def spread(values: list[float], threads: int) -> dict[str, Any]:
+    """One figure over processes: its median (what verdicts use) and min-max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "processes": len(values), "threads": threads}
+
+
+def aggregate(summaries: list[dict[str, Any]], threads: int) -> dict[str, Any]:
+    """``process_summary`` of one measurement from each process -> each median time and each
+    ratio as a ``spread`` over the processes (and the rounds each process ran). A figure that
+    some process lacks (its callable raised there) is left out."""
+    def over_processes(field: str) -> dict[str, Any]:
+        names = [n for n in summaries[0][field] if all(n in s[field] for s in summaries)]
+        return {n: spread([s[field][n] for s in summaries], threads) for n in names}
+    return {"rounds": [s["rounds"] for s in summaries], "median_s": over_processes("median_s"),
+            "ratios": over_processes("ratios")}
+
+
+def run_processes(module: str, argv: list[str], processes: int, threads: int) -> list[Any]:
+    """Run ``python -m <module> <argv> --threads <threads> --worker FILE`` in ``processes``
+    fresh processes, one after another (two at once would share the cores), with OpenMP, MKL
+    and OpenBLAS pinned to ``threads`` through the environment as well; returns the JSON that
+    each wrote to its FILE, ``{"threads": the count it ran with, ...}``. A worker that fails
+    raises ``subprocess.CalledProcessError``; one that ran with other threads, RuntimeError."""
+    env = dict(os.environ, **{name: str(threads) for name in THREAD_ENV})
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(processes):
+            path = Path(tmp) / f"process{k}.json"
+            print(f"process {k + 1}/{processes}: python -m {module} ...", file=sys.stderr,
+                  flush=True)
+            subprocess.run([sys.executable, "-m", module, *argv, "--threads", str(threads),
+                            "--worker", str(path)], env=env, cwd=ROOT, check=True)
+            result = json.loads(path.read_text())
+            if result["threads"] != threads:
+                raise RuntimeError(f"{module} worker ran with {result['threads']} threads, "
+                                   f"not {threads}")
+            results.append(result)
+    return results
+
+
+def format_ratio(ratio: dict[str, Any] | None) -> str:
+    """``1.04x (0.98-1.10)``: the median over processes and their min-max."""
+    if ratio is None:
+        return "-"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
 
 
 def announce_command(module: str, argv: list[str] | None) -> str:

@@ -14,6 +14,8 @@ Each row is one implementation of one workload: ``reference`` (NumPy), ``torch_i
 (eager), ``torch_impl compiled`` (torch.compile; ``--full`` only: about 30 s of compilation
 per graph on a CPU) and the anchors a user would otherwise pick. Its figures:
 
+    median ms     the median over processes of each process's median time per call; the
+                  range beside it is the min-max over the processes
     tokens/s      tokens per call / median time
     GFLOP/s       the workload's FLOP count (written next to each workload) / median time
     % peak        GFLOP/s over the machine's GEMM peak for the dtype (the faster of a large
@@ -26,17 +28,27 @@ per graph on a CPU) and the anchors a user would otherwise pick. Its figures:
     rel err       max relative error ||a - b|| / ||b|| over outputs and gradients against
                   the reference in float64 on the same inputs; for generated tokens, the
                   fraction of tokens that differ
-    vs anchor     anchor's median / this median, same workload and dtype
-    target       issue #6's target where one applies: met or missed, never a failed test
+    vs anchor     this implementation's speed relative to the anchor (anchor time / its time),
+                  same workload and dtype: the median over processes of each process's
+                  median over rounds, and the min-max over processes
+    target       issue #6's target where one applies: met or missed by the median ratio,
+                  never a failed test
 
-Method: each call is made once untimed (its outputs give the error column), then
-harness.time_call: warm-up calls, then at least ``repeat`` timed calls and at least
-``min_seconds`` of them; median and quartiles. Threads are pinned (torch and NumPy's BLAS)
-and reported, with the BLAS kernel threadpoolctl found. Inputs are random normal.
+Method (the project's rule for a noisy machine): this process makes each call once, untimed,
+for the error column and once more for the memory column, and times nothing. The timing runs
+in ``--processes`` (default 3) fresh worker processes, one after another, each this command
+with ``--worker FILE``: it builds the same workloads and, per workload, times all of its
+implementations interleaved (harness.interleave: a warm-up call each, then rounds A B C,
+C B A, ... until ``rounds`` rounds and ``budget`` seconds were spent), keeping each one's
+median time and each ratio's median over rounds. The figures are the median and min-max
+over the processes (harness.aggregate). Threads are pinned (torch, NumPy's BLAS and the
+workers' OMP/MKL/OpenBLAS environment) and reported, with the BLAS kernel threadpoolctl
+found. Inputs are random normal.
 
     python -m benchmarks                                   # quick CPU suite + parity report
     python -m benchmarks --suite layers --sizes tiny       # one suite, seconds
-    python -m benchmarks --full --threads 2                # + torch.compile rows, more repeats
+    python -m benchmarks --full --threads 2                # + torch.compile rows, more rounds
+    python -m benchmarks --processes 5                     # ratios over 5 processes
     python -m benchmarks --device cuda --sizes medium
 
 Exit status 1 if a parity row fails, a benchmark row raises, or a row's error is over the
@@ -47,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 import time
@@ -59,12 +72,17 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
+    aggregate,
+    format_ratio,
+    interleave,
     machine_info,
     markdown_table,
     measure_peaks,
     peak_memory_mib,
     pin_threads,
-    time_call,
+    process_summary,
+    ratio_key,
+    run_processes,
     write_results,
 )
 from parity_tests.parity import relative_error, to_numpy
@@ -81,17 +99,18 @@ Outputs = dict[str, Any]  # outputs and gradients of one call, by name (arrays o
 class Settings:
     device: str
     sizes: str
-    full: bool  # also the torch.compile rows
-    warmup: int
-    repeat: int
-    min_seconds: float
+    full: bool        # also the torch.compile rows
+    warmup: int       # untimed calls of each implementation before the rounds, per process
+    rounds: int       # at least this many interleaved rounds per workload and process
+    budget_s: float   # ... and rounds until this many seconds were spent on them
+    processes: int    # worker processes the timing is repeated in
     seed: int = 0
 
 
-TIMING = {  # sizes -> (warmup, repeat, min_seconds); --full doubles repeat and min_seconds
-    "tiny": (0, 2, 0.0),
-    "small": (1, 3, 0.5),
-    "medium": (1, 5, 1.0),
+TIMING = {  # sizes -> (warmup, rounds, budget_s); --full doubles rounds and budget_s
+    "tiny": (1, 3, 0.0),
+    "small": (1, 3, 0.3),
+    "medium": (1, 5, 1.5),
 }
 
 
@@ -183,7 +202,13 @@ def budget(row: dict[str, Any], backward: bool) -> float | None:
     return table.gradient if backward else table.forward
 
 
-def measure(workload: Workload, settings: Settings) -> list[dict[str, Any]]:
+def label(impl: Impl) -> str:
+    return f"{impl.name} {impl.dtype}"
+
+
+def check(workload: Workload) -> list[dict[str, Any]]:
+    """One row per implementation, with what this process measures: the error of one untimed
+    call against the oracle, and the memory of another. The times come from the workers."""
     expected = workload.oracle() if workload.oracle is not None else None
     rows = []
     for impl in workload.impls:
@@ -200,8 +225,6 @@ def measure(workload: Workload, settings: Settings) -> list[dict[str, Any]]:
             if expected is not None and impl.check:
                 row["rel_err"] = max_error(outputs, expected)
                 row["tokens_compared"] = any(is_tokens(v) for v in expected.values())
-            row.update(time_call(impl.run, impl.device, settings.warmup, settings.repeat,
-                                 settings.min_seconds))
             row["peak_mib"] = peak_memory_mib(impl.run, impl.device)
         except Exception as error:  # report every row even when one implementation raises
             traceback.print_exc(file=sys.stderr)
@@ -209,21 +232,70 @@ def measure(workload: Workload, settings: Settings) -> list[dict[str, Any]]:
             print(" raised", file=sys.stderr, flush=True)
             rows.append(row)
             continue
-        t = row["median_s"]
-        row.update(tokens_per_s=workload.tokens / t, gflop_per_s=workload.flops / t / 1e9,
-                   gb_per_s=workload.bytes / t / 1e9 if workload.bytes else None)
         row["budget"] = budget(row, workload.backward)
-        print(f" {t * 1e3:.2f} ms, {row['tokens_per_s']:,.0f} tok/s"
-              f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+        err = "-" if row["rel_err"] is None else f"{row['rel_err']:.1e}"
+        print(f" err {err} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         rows.append(row)
-    for impl_label, anchor_label, ratio in workload.targets:
-        attach_target(rows, impl_label, anchor_label, ratio)
-    if workload.anchor is not None:
-        for row in rows:
-            anchor = find(rows, f"{workload.anchor} {row['dtype']}")
-            if anchor is not None and "median_s" in row:
-                row["vs_anchor"] = anchor["median_s"] / row["median_s"]
     return rows
+
+
+def ratio_pairs(workload: Workload) -> list[tuple[str, str]]:
+    """The (candidate, anchor) labels whose ratio the rows report: each implementation against
+    the anchor of its dtype, and the targets' pairs."""
+    labels = {label(impl) for impl in workload.impls}
+    pairs = []
+    if workload.anchor is not None:
+        pairs = [(label(i), f"{workload.anchor} {i.dtype}") for i in workload.impls
+                 if i.name != workload.anchor and f"{workload.anchor} {i.dtype}" in labels]
+    pairs += [(c, a) for c, a, _ in workload.targets
+              if c in labels and a in labels and (c, a) not in pairs]
+    return pairs
+
+
+def time_workload(workload: Workload, settings: Settings) -> dict[str, Any]:
+    """This process's interleaved timing of every implementation of ``workload`` that does not
+    raise on its first warm-up call (those that do are listed under "errors")."""
+    calls, errors = {}, {}
+    for impl in workload.impls:
+        try:
+            impl.run()
+            calls[label(impl)] = impl.run
+        except Exception as error:
+            errors[label(impl)] = f"{type(error).__name__}: {error}"
+    times = interleave(calls, settings.device, max(settings.warmup - 1, 0), settings.rounds,
+                       settings.budget_s)
+    pairs = [(c, a) for c, a in ratio_pairs(workload) if c in calls and a in calls]
+    return {**process_summary(times, pairs), "errors": errors}
+
+
+def apply_timing(rows: list[dict[str, Any]], timing: dict[str, Any], anchor: str | None,
+                 targets: list[tuple[str, str, float]]) -> None:
+    """Fill a workload's rows with its timing over processes (harness.aggregate): times,
+    rates, the ratio against the anchor and the targets' verdicts (by the median ratio)."""
+    for row in rows:
+        t = timing["median_s"].get(f"{row['impl']} {row['dtype']}")
+        if row["error"] is None and t is None:
+            row["error"] = "timing: " + timing["errors"].get(
+                f"{row['impl']} {row['dtype']}", "not timed in every process")
+        if row["error"] is not None:
+            continue
+        row.update(median_s=t["median"], min_s=t["min"], max_s=t["max"],
+                   processes=t["processes"], threads=t["threads"], rounds=timing["rounds"])
+        row.update(tokens_per_s=row["tokens"] / t["median"],
+                   gflop_per_s=row["flops"] / t["median"] / 1e9,
+                   gb_per_s=row["bytes"] / t["median"] / 1e9 if row["bytes"] else None)
+        if anchor is not None:
+            key = ratio_key(f"{row['impl']} {row['dtype']}", f"{anchor} {row['dtype']}")
+            row["vs_anchor"] = timing["ratios"].get(key)
+    for impl_label, anchor_label, ratio in targets:
+        speed = timing["ratios"].get(ratio_key(impl_label, anchor_label))
+        row = find(rows, impl_label)
+        if speed is None or row is None:
+            continue
+        met = speed["median"] >= ratio
+        row["target"] = (f">= {ratio:g}x {anchor_label}: {'met' if met else 'missed'}, "
+                         f"{format_ratio(speed)} over {speed['processes']} processes")
+        row["target_met"] = met
 
 
 def find(rows: list[dict[str, Any]], label: str) -> dict[str, Any] | None:
@@ -232,17 +304,6 @@ def find(rows: list[dict[str, Any]], label: str) -> dict[str, Any] | None:
         if f"{row['impl']} {row['dtype']}" == label and "median_s" in row:
             return row
     return None
-
-
-def attach_target(rows: list[dict[str, Any]], impl_label: str, anchor_label: str,
-                  ratio: float) -> None:
-    row, anchor = find(rows, impl_label), find(rows, anchor_label)
-    if row is None or anchor is None:
-        return
-    speed = anchor["median_s"] / row["median_s"]
-    verdict = "met" if speed >= ratio else "missed"
-    row["target"] = f">= {ratio:g}x {anchor_label}: {verdict} ({speed:.2f}x)"
-    row["target_met"] = speed >= ratio
 
 
 def add_peak_fractions(rows: list[dict[str, Any]], peaks: dict[str, float]) -> None:
@@ -262,14 +323,14 @@ def add_peak_fractions(rows: list[dict[str, Any]], peaks: dict[str, float]) -> N
 
 # --------------------------------------------------------------------------- output
 
-HEADERS = ["workload", "shape", "impl", "dtype", "median ms", "IQR ms", "tokens/s", "GFLOP/s",
+HEADERS = ["workload", "shape", "impl", "dtype", "median ms", "range ms", "tokens/s", "GFLOP/s",
            "% peak", "peak MiB", "rel err", "vs anchor", "target"]
 
 
 def cells(row: dict[str, Any]) -> list[str]:
-    if row["error"] is not None:
+    if row["error"] is not None or "median_s" not in row:
         return [row["workload"], row["shape"], row["impl"], row["dtype"],
-                f"raised {row['error'][:60]}"] + [""] * (len(HEADERS) - 5)
+                f"raised {(row['error'] or 'not timed')[:60]}"] + [""] * (len(HEADERS) - 5)
 
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -279,13 +340,12 @@ def cells(row: dict[str, Any]) -> list[str]:
         err += f" > {row['budget']:.0e}"
     peak = row.get("peak_fraction")
     return [row["workload"], row["shape"], row["impl"], row["dtype"],
-            f"{row['median_s'] * 1e3:.2f}", f"{row['q1_s'] * 1e3:.2f}-{row['q3_s'] * 1e3:.2f}",
+            f"{row['median_s'] * 1e3:.2f}", f"{row['min_s'] * 1e3:.2f}-{row['max_s'] * 1e3:.2f}",
             f"{row['tokens_per_s']:,.0f}", f"{row['gflop_per_s']:.1f}",
             fmt(None if peak is None else 100 * peak, ".1f")
             + ("" if peak is None or not row["bytes"] else " (bw)"),
             fmt(row.get("peak_mib"), ".1f"), err,
-            fmt(row.get("vs_anchor"), ".2f") + ("x" if row.get("vs_anchor") else ""),
-            row.get("target", "")]
+            format_ratio(row.get("vs_anchor")), row.get("target", "")]
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:
@@ -354,6 +414,14 @@ def scaling_plot(rows: list[dict[str, Any]], layer: str, path: Path, title: str)
     plt.close(fig)
 
 
+def timing_sentence(settings: dict[str, Any]) -> str:
+    return (f"Timing: {settings['processes']} fresh processes, each timing a workload's "
+            f"implementations interleaved (rounds A B, B A, ...) after {settings['warmup']} "
+            f"warm-up call(s), for at least {settings['rounds']} rounds and "
+            f"{settings['budget_s']:g} s; median ms and ratios are medians over the processes, "
+            "ranges their min-max; targets use the median ratio.")
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plots: list[Path],
              notes: list[str]) -> str:
     machine = meta["machine"]
@@ -366,6 +434,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plots: list[Path]
              + f"; torch {machine['torch']}, numpy {machine['numpy']}, "
              f"{meta['threads']} threads pinned; numpy BLAS: {blas or 'unknown'}; torch BLAS: "
              f"{machine['torch_blas']} ({machine['torch_cpu_capability']}).", "",
+             timing_sentence(meta["settings"]), "",
              "Measured peaks (same run): " + ", ".join(
                  f"{k} {v:.1f} {'GB/s' if k.startswith('copy') else 'GFLOP/s'}"
                  for k, v in meta["peaks"].items()) + ".", ""]
@@ -389,17 +458,23 @@ def parse_args(argv: list[str] | None, prog: str, default_suite: str) -> argpars
                    help="tiny: seconds, for tests; small (default): the issue's shapes, "
                         "minutes; medium: larger")
     p.add_argument("--full", action="store_true",
-                   help="add the torch.compile rows and double the repetitions")
+                   help="add the torch.compile rows and double the rounds")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch and BLAS threads (default: torch's own count)")
+                   help="torch and BLAS threads (default: torch's own count), pinned in every "
+                        "process")
+    p.add_argument("--processes", type=int, default=3,
+                   help="worker processes the timing is repeated in (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random input")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="results folder (default: benchmarks/out/)")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
     unknown = set(args.suites) - set(SUITES)
     if unknown:
         p.error(f"--suite: unknown {sorted(unknown)}; choose from {', '.join(SUITES)}, all")
+    if args.processes < 1:
+        p.error("--processes: expected >= 1")
     return args
 
 
@@ -407,43 +482,111 @@ def command_line(argv: list[str] | None, prog: str = "python -m benchmarks") -> 
     return " ".join([prog, *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
 
 
+def settings_of(args: argparse.Namespace) -> Settings:
+    warmup, rounds, budget_s = TIMING[args.sizes]
+    if args.full:
+        rounds, budget_s = 2 * rounds, 2 * budget_s
+    return Settings(args.device, args.sizes, args.full, warmup, rounds, budget_s,
+                    args.processes, args.seed)
+
+
+def workloads_of(suite: str, settings: Settings) -> list[tuple[str, Workload]]:
+    """A suite's workloads, each with a key that names it in the workers' results (its index
+    too: the scaling sweep's base shape recurs once per axis)."""
+    module = importlib.import_module(f"benchmarks.bench_{suite}")
+    return [(f"{suite} {i}: {w.name} {w.shape}", w)
+            for i, w in enumerate(module.workloads(settings))]
+
+
+def worker(args: argparse.Namespace, settings: Settings, threads: int) -> int:
+    """One timing process: every workload of the suites, its implementations interleaved;
+    writes {"threads", "workloads": {key: time_workload's summary, or {"error"}}}."""
+    results: dict[str, Any] = {}
+    for suite in args.suites:
+        if suite == "parity":
+            continue
+        for key, workload in workloads_of(suite, settings):
+            print(f"[worker] {key} ...", end="", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            try:
+                results[key] = time_workload(workload, settings)
+            except Exception as error:  # the parent reports it on the workload's rows
+                traceback.print_exc(file=sys.stderr)
+                results[key] = {"error": f"{type(error).__name__}: {error}"}
+            print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    args.worker.write_text(json.dumps({"threads": threads, "workloads": results}))
+    return 0
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments that make a worker build the same workloads as this process."""
+    suites = [s for s in args.suites if s != "parity"]
+    return (["--suite", ",".join(suites), "--device", args.device, "--sizes", args.sizes,
+             "--seed", str(args.seed)] + (["--full"] if args.full else []))
+
+
+def time_in_processes(checked: list[tuple[str, str, list[dict[str, Any]], str | None, list]],
+                      args: argparse.Namespace, processes: int, threads: int) -> None:
+    """Time every checked workload (suite, key, rows, anchor, targets) in ``processes`` fresh
+    worker processes and fill its rows with the figures over them."""
+    print(f"timing in {processes} processes, {threads} threads ...", file=sys.stderr,
+          flush=True)
+    results = run_processes("benchmarks", worker_argv(args), processes, threads)
+    for _, key, rows, anchor, targets in checked:
+        summaries = [result["workloads"][key] for result in results]
+        failed = next((s["error"] for s in summaries if "error" in s), None)
+        if failed is not None:
+            for row in rows:
+                row["error"] = row["error"] or f"timing: {failed}"
+            continue
+        timing = aggregate(summaries, threads)
+        timing["errors"] = {k: v for s in summaries for k, v in s["errors"].items()}
+        apply_timing(rows, timing, anchor, targets)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
          default_suite: str = "all") -> int:
     """Run the suites; ``prog`` and ``default_suite`` let each bench_*.py script be this
     command for its own suite."""
     args = parse_args(argv, prog, default_suite)
+    threads = pin_threads(args.threads)
+    settings = settings_of(args)
+    if args.worker is not None:
+        return worker(args, settings, threads)
     command = command_line(argv, prog).rstrip()
     print(f"# {command}", file=sys.stderr)
-    threads = pin_threads(args.threads)
-    warmup, repeat, min_seconds = TIMING[args.sizes]
-    if args.full:
-        repeat, min_seconds = 2 * repeat, 2 * min_seconds
-    settings = Settings(args.device, args.sizes, args.full, warmup, repeat, min_seconds,
-                        args.seed)
+    print(f"threads: {threads} (pinned in this process and the {settings.processes} timing "
+          "processes)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = args.sizes == "tiny"
     peaks = measure_peaks(args.device, gemm_size=256 if tiny else 2048,
                           copy_mib=4 if tiny else 256)
     print("peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()), file=sys.stderr)
 
+    suites = [s for s in args.suites if s != "parity"]
+    checked = []  # (suite, key, rows, anchor, targets) per workload
+    for suite in suites:
+        for key, workload in workloads_of(suite, settings):
+            checked.append((suite, key, check(workload), workload.anchor, workload.targets))
+    if checked:
+        time_in_processes(checked, args, settings.processes, threads)
+
     rows, notes, plots = [], [], []
-    for suite in args.suites:
-        if suite == "parity":
-            continue
+    for suite in suites:
         module = importlib.import_module(f"benchmarks.bench_{suite}")
-        suite_rows = []
-        for workload in module.workloads(settings):
-            suite_rows += measure(workload, settings)
+        suite_rows = [row for s, _, workload_rows, _, _ in checked if s == suite
+                      for row in workload_rows]
         add_peak_fractions(suite_rows, peaks)
         rows += suite_rows
         notes += module.notes(settings)
         print(f"\n## {suite}\n{text_table(suite_rows)}\n")
+        timed = [r for r in suite_rows if "median_s" in r]
         if suite == "scaling":
-            for layer in dict.fromkeys(r["workload"].split()[0] for r in suite_rows):
+            for layer in dict.fromkeys(r["workload"].split()[0] for r in timed):
                 path = args.out / f"scaling_{layer}.png"
                 scaling_plot(suite_rows, layer, path, f"{layer}: {command}")
                 plots.append(path)
-        elif suite_rows:
+        elif timed:
             path = args.out / f"{suite}.png"
             suite_plot(suite_rows, path, f"{suite}: {command}")
             plots.append(path)
@@ -452,7 +595,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks",
                      "costs about 30 s per graph on a CPU); --full adds them.")
 
     meta = {"command": command, "machine": machine_info(args.device), "threads": threads,
-            "settings": settings.__dict__, "peaks": peaks, "notes": notes}
+            "processes": settings.processes, "settings": settings.__dict__, "peaks": peaks,
+            "notes": notes}
     failed = [r for r in rows if r["error"] is not None
               or (r.get("budget") is not None and not r["rel_err"] <= r["budget"])]
     if rows:

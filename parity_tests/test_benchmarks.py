@@ -1,21 +1,25 @@
 """``python -m benchmarks`` at tiny sizes: every suite runs and writes what it promises (JSON
 rows with their figures, a Markdown table, the PNG plots), and every row's error column is
-within its budget. Outputs only, never timings."""
+within its budget; the shared harness times interleaved rounds and aggregates processes; the
+recurrent sweep writes its points. Outputs and structure only, never timings."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import aggregate, interleave, process_summary
 from benchmarks.suite import main
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
-FIGURES = {"median_s", "q1_s", "q3_s", "tokens_per_s", "gflop_per_s", "peak_fraction",
-           "peak_mib", "rel_err"}
+FIGURES = {"median_s", "min_s", "max_s", "processes", "tokens_per_s", "gflop_per_s",
+           "peak_fraction", "peak_mib", "rel_err"}
+PROCESSES = 2  # timing processes in these tests (3 by default)
 LADDERS = {  # suite -> implementations every workload of it must have
     "layers": {"reference", "torch_impl"},
     "models": {"reference", "torch_impl"},
@@ -28,7 +32,8 @@ LADDERS = {  # suite -> implementations every workload of it must have
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("benchmarks")
     suites = ",".join(LADDERS)
-    assert main(["--sizes", "tiny", "--threads", "1", "--suite", suites, "--out", str(out)]) == 0
+    assert main(["--sizes", "tiny", "--threads", "1", "--suite", suites, "--processes",
+                 str(PROCESSES), "--out", str(out)]) == 0
     return out, json.loads((out / "benchmarks.json").read_text())
 
 
@@ -41,12 +46,27 @@ def test_every_suite_writes_rows_with_every_figure(report: tuple[Path, dict]) ->
         assert row["error"] is None, name
         assert FIGURES <= row.keys(), name
         assert row["median_s"] > 0 and row["tokens_per_s"] > 0, name
+        assert row["min_s"] <= row["median_s"] <= row["max_s"], name
+        assert row["processes"] == PROCESSES and len(row["rounds"]) == PROCESSES, name
     for suite, ladder in LADDERS.items():
         for workload in {r["workload"] for r in rows if r["suite"] == suite}:
             impls = {r["impl"] for r in rows if r["workload"] == workload}
             assert ladder <= impls, f"{workload}: {sorted(impls)}"
     assert payload["meta"]["peaks"]["gemm_torch_float32"] > 0
-    assert payload["meta"]["threads"] == 1
+    assert payload["meta"]["threads"] == 1 and payload["meta"]["processes"] == PROCESSES
+
+
+def test_every_ratio_carries_its_median_range_processes_and_threads(
+        report: tuple[Path, dict]) -> None:
+    _, payload = report
+    ratios = [r for r in payload["rows"] if r.get("vs_anchor") is not None]
+    assert {r["suite"] for r in ratios} == set(LADDERS)
+    for row in ratios:
+        ratio = row["vs_anchor"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"], row
+        assert ratio["processes"] == PROCESSES and ratio["threads"] == 1, row
+    anchors = [r for r in payload["rows"] if r["impl"] in ("torch.nn.LSTM", "F.cross_entropy")]
+    assert anchors and all(r.get("vs_anchor") is None for r in anchors)
 
 
 def test_error_column_is_within_budget_and_tokens_agree(report: tuple[Path, dict]) -> None:
@@ -70,6 +90,7 @@ def test_targets_are_reported_as_met_or_missed(report: tuple[Path, dict]) -> Non
     assert ("GPT training step", "torch_impl", "float32") in labels
     assert ("beam 4 kv cache", "torch_impl", "float32") in labels
     assert all(r["target"].split(": ")[1].startswith(("met", "missed")) for r in targets)
+    assert all(f"over {PROCESSES} processes" in r["target"] for r in targets)
 
 
 def test_markdown_table_and_plots_are_written(report: tuple[Path, dict]) -> None:
@@ -78,7 +99,8 @@ def test_markdown_table_and_plots_are_written(report: tuple[Path, dict]) -> None
     assert md.startswith("# seqtwin benchmarks")
     for suite in LADDERS:
         assert f"## {suite}" in md
-    assert "| workload | shape | impl | dtype | median ms |" in md
+    assert "| workload | shape | impl | dtype | median ms | range ms |" in md
+    assert f"Timing: {PROCESSES} fresh processes" in md
     for name in ("layers", "models", "generation", "scaling_lstm", "scaling_gru", "scaling_mha"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -155,11 +177,12 @@ def test_attention_benchmark_rows_agree_with_float64(tmp_path: Path, padding: bo
 def test_recurrent_benchmark_records_its_rows_and_tf32_flags(tmp_path: Path) -> None:
     """benchmarks.bench_recurrent at a tiny size on the CPU: torch.nn, torch_impl and the
     reference for both cells and workloads, errors against torch.nn within float32 rounding,
-    and the TF32 flags in force (which only the CUDA float32 rows depend on)."""
+    times and ratios over the processes, and the TF32 flags in force (which only the CUDA
+    float32 rows depend on)."""
     from benchmarks import bench_recurrent
-    assert bench_recurrent.main(["--batch", "2", "--length", "3", "--hidden", "8", "--repeat",
-                                 "1", "--warmup", "0", "--min-seconds", "0",
-                                 "--out", str(tmp_path)]) == 0
+    assert bench_recurrent.main(["--batch", "2", "--length", "3", "--hidden", "8", "--rounds",
+                                 "3", "--budget", "0", "--warmup", "1", "--processes",
+                                 str(PROCESSES), "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "recurrent_cpu_float32_B2_T3_H8.json").read_text())
     assert set(payload["tf32"]) == {"matmul_allow_tf32", "cudnn_allow_tf32"}
     rows = payload["rows"]
@@ -168,4 +191,102 @@ def test_recurrent_benchmark_records_its_rows_and_tf32_flags(tmp_path: Path) -> 
         for impl in ("torch.nn", "torch_impl", "reference")}
     for r in rows:
         assert r["median_s"] > 0 and r["rel_err_vs_torch_nn"] < 1e-5, r
-        assert "host_median_s" not in r  # a CUDA-only column
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["processes"] == PROCESSES, r
+        assert r["rounds"] == [3] * PROCESSES, r
+        ratio = r["vs_torch_nn"]
+        if r["impl"] == "torch.nn":
+            assert ratio is None
+        else:
+            assert ratio["min"] <= ratio["median"] <= ratio["max"], r
+            assert ratio["processes"] == PROCESSES, r
+
+
+# --------------------------------------------------------------------------- the harness
+
+def test_interleave_alternates_the_order_of_each_round_after_the_warmup() -> None:
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "ab"}
+    times = interleave(calls, warmup=1, min_rounds=4, budget_s=0.0)
+    assert order == ["a", "b"] + ["a", "b", "b", "a"] * 2
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_interleave_runs_min_rounds_then_stops_at_budget_or_max_rounds() -> None:
+    def nap() -> None:
+        time.sleep(0.001)
+    assert len(interleave({"a": nap}, warmup=0, min_rounds=3, budget_s=0.0)["a"]) == 3
+    capped = interleave({"a": nap}, warmup=0, min_rounds=2, budget_s=60.0, max_rounds=5)
+    assert len(capped["a"]) == 5
+
+
+def test_ratio_of_a_callable_against_itself_is_near_one() -> None:
+    def work() -> float:
+        return sum(i * i for i in range(2000))
+    summary = process_summary(interleave({"a": work, "b": work}, min_rounds=20, budget_s=0.0),
+                              [("a", "b")])
+    assert summary["rounds"] == 20
+    assert summary["median_s"]["a"] > 0 and summary["median_s"]["b"] > 0
+    assert 0.3 < summary["ratios"]["a vs b"] < 3  # loose: the machine is shared
+
+
+def test_aggregate_gives_the_median_and_range_over_processes() -> None:
+    summaries = [{"rounds": n, "median_s": {"a": t, "b": 2 * t}, "ratios": {"a vs b": r}}
+                 for n, t, r in ((3, 1.0, 2.0), (4, 3.0, 1.5), (5, 2.0, 3.0))]
+    timing = aggregate(summaries, threads=2)
+    assert timing["rounds"] == [3, 4, 5]
+    assert timing["median_s"]["a"] == {"median": 2.0, "min": 1.0, "max": 3.0, "processes": 3,
+                                       "threads": 2}
+    assert timing["ratios"]["a vs b"] == {"median": 2.0, "min": 1.5, "max": 3.0,
+                                          "processes": 3, "threads": 2}
+
+
+def test_a_worker_times_the_others_when_one_implementation_raises() -> None:
+    from benchmarks.suite import Impl, Settings, Workload, time_workload
+
+    def broken() -> dict:
+        raise RuntimeError("no kernel")
+    impls = [Impl(name, "float32", run) for name, run in (
+        ("reference", lambda: {}), ("torch_impl", broken), ("anchor", lambda: {}))]
+    workload = Workload("layers", "op", "N=1", 1, 1.0, impls, anchor="anchor")
+    summary = time_workload(workload, Settings("cpu", "tiny", False, 1, 3, 0.0, 1))
+    assert summary["errors"] == {"torch_impl float32": "RuntimeError: no kernel"}
+    assert set(summary["median_s"]) == {"reference float32", "anchor float32"}
+    assert set(summary["ratios"]) == {"reference float32 vs anchor float32"}
+    assert summary["rounds"] == 3
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def test_recurrent_sweep_writes_every_point_with_ratios_over_processes(tmp_path: Path) -> None:
+    """benchmarks.bench_recurrent_sweep on a one-point grid in 2 processes: both LSTM
+    workloads, times and ratios over the processes, a verdict, the reference "not run" above
+    its FLOP cap (here between the forward, 512 FLOP, and the forward+backward, 1536), and the
+    JSON, Markdown and both PNGs."""
+    from benchmarks import bench_recurrent_sweep
+    assert bench_recurrent_sweep.main([
+        "--B", "1", "--T", "2", "--H", "4", "--cells", "lstm", "--dtypes", "float32",
+        "--processes", str(PROCESSES), "--threads", "1", "--budget", "0.2",
+        "--reference-max-gflop", "1e-6", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "recurrent_sweep.json").read_text())
+    assert payload["meta"]["threads"] == 1 and payload["meta"]["processes"] == PROCESSES
+    assert payload["meta"]["command"].startswith("python -m benchmarks.bench_recurrent_sweep")
+    points = {p["workload"]: p for p in payload["points"]}
+    assert set(points) == {"forward", "forward+backward"}
+    for p in points.values():
+        assert (p["cell"], p["dtype"], p["B"], p["T"], p["H"], p["I"]) == (
+            "lstm", "float32", 1, 2, 4, 4)
+        assert p["verdict"] in ("met", "missed")
+        for figure in (p["vs_torch_nn"], *p["times_s"].values()):
+            assert figure["min"] <= figure["median"] <= figure["max"], p
+            assert figure["processes"] == PROCESSES and figure["threads"] == 1, p
+        assert len(p["rounds"]) == PROCESSES and min(p["rounds"]) >= 3
+    assert set(points["forward"]["times_s"]) == {"torch_impl", "torch.nn", "reference"}
+    assert points["forward"]["vs_reference"]["processes"] == PROCESSES
+    assert set(points["forward+backward"]["times_s"]) == {"torch_impl", "torch.nn"}
+    assert points["forward+backward"]["vs_reference"] == "not run"
+    md = (tmp_path / "recurrent_sweep.md").read_text()
+    assert "## Verdicts" in md and "| vs torch.nn | vs reference | verdict |" in md
+    assert "not run" in md
+    for name in ("recurrent_sweep.png", "recurrent_sweep_ratios.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
