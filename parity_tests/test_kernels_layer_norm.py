@@ -1,5 +1,7 @@
 """seqtwin::layer_norm (torch_impl/kernels/layer_norm.py): every kernel path against reference
-(float64, float32), forward and backward; opcheck; torch.compile(fullgraph=True) on CPU.
+(float64, float32), forward and backward; the native C++ kernel (kernels/cpu/layer_norm.cpp)
+taken under "auto", against torch.nn.functional.layer_norm at the edges, and deterministic;
+opcheck; torch.compile(fullgraph=True) on CPU.
 
 Without a GPU the "triton" path runs triton's interpreter (conftest sets TRITON_INTERPRET=1).
 """
@@ -11,7 +13,7 @@ import torch
 from hypothesis import assume, example, given
 
 import reference.normalization as ref
-from parity_tests.kernel_paths import PATHS
+from parity_tests.kernel_paths import NATIVE_PATHS
 from parity_tests.parity import assert_close
 from parity_tests.strategies import float32_exact, to_torch
 from parity_tests.test_normalization import (
@@ -26,7 +28,7 @@ from parity_tests.test_normalization import (
     well_conditioned,
 )
 from parity_tests.tolerances import TORCH32_VS_REF64, TORCH64_VS_REF64
-from torch_impl.kernels import kernel_path
+from torch_impl.kernels import kernel_path, native
 from torch_impl.kernels.layer_norm import layer_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +55,7 @@ def assert_matches_reference(case: Case, dtype: torch.dtype, budget) -> None:
         assert_close(grads[name], grads_ref[name], budget.gradient, f"d{name}")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", NATIVE_PATHS)
 @given(case=cases())
 @example(case=BATCH_ONE)
 @example(case=ONE_FEATURE)
@@ -66,7 +68,7 @@ def test_layer_norm_kernel_float64_matches_reference(path: str, case: Case) -> N
 
 
 # Row offsets <= 1: see test_normalization's float32 test for why larger ones are meaningless.
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", NATIVE_PATHS)
 @given(case=cases(max_offset=1.0))
 @example(case=BATCH_ONE)
 @example(case=ONE_FEATURE)
@@ -88,9 +90,11 @@ def sample_inputs(dtype: torch.dtype = torch.float64):
     return x, weight, bias
 
 
-def test_layer_norm_ops_pass_opcheck() -> None:
-    x, weight, bias = sample_inputs()
-    with kernel_path("torch"):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_layer_norm_ops_pass_opcheck(path: str, dtype: torch.dtype) -> None:
+    x, weight, bias = sample_inputs(dtype)
+    with kernel_path(path):
         torch.library.opcheck(torch.ops.seqtwin.layer_norm,
                               (x.requires_grad_(), weight.requires_grad_(), bias, 1e-5))
         _, mean, rstd = torch.ops.seqtwin.layer_norm(x.detach(), weight.detach(), bias, 1e-5)
@@ -100,7 +104,8 @@ def test_layer_norm_ops_pass_opcheck() -> None:
 
 # aot_eager traces what inductor would (dynamo's graph, the fake and the autograd formula) without
 # a C++ build; a graph break would make fullgraph=True raise.
-def test_layer_norm_compiles_fullgraph_without_graph_breaks() -> None:
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_layer_norm_compiles_fullgraph_without_graph_breaks(path: str) -> None:
     def loss(x, weight, bias):
         return (layer_norm(torch.sin(x), weight, bias) ** 2).sum()
 
@@ -108,7 +113,7 @@ def test_layer_norm_compiles_fullgraph_without_graph_breaks() -> None:
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     inputs = [t.requires_grad_() for t in sample_inputs()]
-    with kernel_path("torch"):
+    with kernel_path(path):
         value = compiled(*inputs)
         grads = torch.autograd.grad(value, inputs)
         value_eager = loss(*inputs)
@@ -117,3 +122,112 @@ def test_layer_norm_compiles_fullgraph_without_graph_breaks() -> None:
     assert_close(value, value_eager, TORCH64_VS_REF64.forward, "loss")
     for name, g, g_eager in zip(("x", "weight", "bias"), grads, grads_eager):
         assert_close(g, g_eager, TORCH64_VS_REF64.gradient, f"d{name}")
+
+
+# --------------------------------------------------------------------------- the native kernel
+
+class CountingKernels:
+    """The native module's entries, counting their calls."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls = module, {"forward": 0, "backward": 0, "layer_norm": 0}
+
+    def forward(self, *args):
+        self.calls["forward"] += 1
+        return self.module.forward(*args)
+
+    def backward(self, *args):
+        self.calls["backward"] += 1
+        return self.module.backward(*args)
+
+    def layer_norm(self, *args):  # forward, and backward under autograd (tied in C++)
+        self.calls["layer_norm"] += 1
+        return self.module.layer_norm(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_auto_path_runs_the_native_kernel_on_cpu(monkeypatch, dtype: torch.dtype) -> None:
+    module = native.load("layer_norm")
+    assert module is not None, f"layer_norm.cpp did not build: {native._failure}"
+    counting = CountingKernels(module)
+    monkeypatch.setitem(native._modules, "layer_norm", counting)
+    x, weight, bias = sample_inputs(dtype)
+    weight.requires_grad_()
+    with kernel_path("auto"):
+        with torch.no_grad():
+            layer_norm(x, weight, bias)                           # eager, no autograd
+        layer_norm(x, weight, bias).sum().backward()              # eager autograd
+        torch.ops.seqtwin.layer_norm(x, weight, bias, 1e-5)[0].sum().backward()  # the op's
+    assert counting.calls == {"forward": 2, "backward": 1, "layer_norm": 1}
+    assert weight.grad is not None
+
+
+def torch_nn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor,
+                  layer_norm_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(y, [dx, dweight, dbias]) of ``layer_norm_fn`` over x's last axis, through autograd."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = layer_norm_fn(*leaves)
+    return y.detach(), list(torch.autograd.grad(y, leaves, dy))
+
+
+def edge_inputs(edge: str, dtype: torch.dtype):
+    """(x, weight, bias, dy) at one edge of the native kernel's domain."""
+    generator = torch.Generator().manual_seed(1)
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype, generator=generator)  # noqa: E731
+    if edge == "batch-one":
+        x = randn(1, 37)
+    elif edge == "one-feature":
+        x = randn(6, 1)
+    elif edge == "non-contiguous":                    # transposed x, strided parameters
+        x = randn(40, 3, 19).transpose(0, 2)
+        return x, randn(80)[::2], randn(80)[::2], randn(*x.shape)
+    else:                                             # "large": |x| ~ 1e4, rows offset 1e4
+        x = 1e4 * (randn(5, 1) + randn(5, 1000))
+    features = x.shape[-1]
+    return x, randn(features), randn(features), randn(*x.shape)
+
+
+@pytest.mark.parametrize("edge", ["batch-one", "one-feature", "non-contiguous", "large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_native_layer_norm_matches_torch_nn_functional(edge: str, dtype: torch.dtype) -> None:
+    x, weight, bias, dy = edge_inputs(edge, dtype)
+    features = x.shape[-1]
+    with kernel_path("native"):
+        y, grads = torch_nn_rows(x, weight, bias, dy, lambda x, w, b: layer_norm(x, w, b))
+    y_nn, grads_nn = torch_nn_rows(
+        x, weight, bias, dy,
+        lambda x, w, b: torch.nn.functional.layer_norm(x, (features,), w, b, 1e-5))
+    budget = TORCH64_VS_REF64 if dtype == torch.float64 else TORCH32_VS_REF64
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close(y, y_nn, budget.forward, "y")
+    for name, g, g_nn in zip(("x", "weight", "bias"), grads, grads_nn):
+        if name != "bias" and features == 1:
+            # x̂ = 0 exactly: dx and dweight are exactly 0 (ATen's float32 leaves ~1e-7 there)
+            assert not g.any(), f"d{name}: expected exact zeros, got {g}"
+        else:
+            assert_close(g, g_nn, budget.gradient, f"d{name}")
+
+
+def test_native_layer_norm_dweight_is_bit_identical_across_runs_and_thread_counts() -> None:
+    generator = torch.Generator().manual_seed(2)
+    # 4096 rows of 64: several row blocks, each with its partial dweight and dbias
+    x, dy = (torch.randn(4096, 64, generator=generator) for _ in range(2))
+    weight, bias = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (2, 2, 1):
+            torch.set_num_threads(num_threads)
+            with kernel_path("native"):
+                results.append(torch_nn_rows(x, weight, bias, dy, layer_norm)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for grads in results[1:]:
+        for name, g, g_first in zip(("x", "weight", "bias"), grads, results[0]):
+            assert torch.equal(g, g_first), f"d{name} differs between runs"
+
+
+def test_native_layer_norm_refuses_double_backward() -> None:
+    x, weight, bias = (t.requires_grad_() for t in sample_inputs())
+    with kernel_path("native"), pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(layer_norm(x, weight, bias).pow(2).sum(), x, create_graph=True)

@@ -15,6 +15,12 @@ The forward saves μ and r per row (2 numbers, not the (N, D) x̂), and the back
 recomputes x̂ = (x - μ) r from x. Rows are computed in float32 for bf16/fp16 inputs and in
 float64 for float64 inputs; μ and r are kept in that compute dtype.
 
+On float32/float64 CPU tensors the op runs the native C++ kernels of ``cpu/layer_norm.cpp``
+(the same math, vectorised with ``at::vec``, parallel over rows; see that file), on CUDA the
+Triton kernels, elsewhere the torch path. Eager calls of ``layer_norm`` on the CPU run the
+native kernels without the op's dispatch (their autograd is the C++ file's); compiled code
+runs the op.
+
 Triton layout: the forward runs one program per row (the whole row in one block); the
 backward runs one program per block of rows, writing dx row by row and one partial dw, db
 per program, summed afterwards (no atomics, so the result is deterministic).
@@ -26,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_float_tensor, shape_str
-from . import _INTERPRETED, compute_dtype, jit, use_triton
+from . import _INTERPRETED, compute_dtype, jit, native_kernels, use_triton
 
 try:
     import triton
@@ -189,6 +195,9 @@ def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(y (N, D), μ (N,), r (N,)) for x (N, D); μ and r in the compute dtype."""
     x = x.contiguous()
+    native = native_kernels("layer_norm", x)
+    if native is not None:
+        return native.forward(x, weight.contiguous(), bias.contiguous(), eps)
     if use_triton(x):
         return _layer_norm_forward_triton(x, weight.contiguous(), bias.contiguous(), eps)
     return _layer_norm_forward_torch(x, weight, bias, eps)
@@ -206,6 +215,9 @@ def layer_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, 
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, D), dweight (D,), dbias (D,))."""
     dy, x = dy.contiguous(), x.contiguous()
+    native = native_kernels("layer_norm", x)
+    if native is not None:
+        return native.backward(dy, x, weight.contiguous(), mean.contiguous(), rstd.contiguous())
     if use_triton(x):
         return _layer_norm_backward_triton(dy, x, weight.contiguous(), mean, rstd)
     return _layer_norm_backward_torch(dy, x, weight, mean, rstd)
@@ -237,7 +249,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
                eps: float = 1e-5) -> Tensor:
     """y = (x - μ) / √(σ² + ε) ⊙ w + b over the last axis of x (..., D); y (..., D).
 
-    Differentiable in x, weight and bias through the fused backward op.
+    Differentiable in x, weight and bias through the fused backward op (in eager code on the
+    native CPU kernels, through the same kernels without the op's dispatch).
     """
     check_float_tensor("x", x, finite=False)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -253,13 +266,25 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     # absent affine parameters become constants (their gradients are computed and dropped)
     weight = x.new_ones(features) if weight is None else weight
     bias = x.new_zeros(features) if bias is None else bias
+    eps = float(eps)
+    compiling = torch.compiler.is_compiling()
+    native = None if compiling else native_kernels("layer_norm", x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or bias.requires_grad)
+    if native is not None:
+        # eager on the CPU: the native kernels, tied by their own C++ autograd Function (the
+        # same saved μ and r as the op's), without the op's dispatch: that costs ~100 µs per
+        # forward and backward, several times the kernels on a decoder step's rows. They read
+        # x (..., D) as rows, so no reshape either.
+        x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+        if needs_grad:
+            return native.layer_norm(x, weight, bias, eps)
+        return native.forward(x, weight, bias, eps)[0]
     rows = x.reshape(-1, features)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or bias.requires_grad)
-            or torch.compiler.is_compiling() or use_triton(x)):
+    if needs_grad or compiling or use_triton(x):
+        y, _, _ = layer_norm_op(rows, weight, bias, eps)
+    else:
         # no autograd, no graph, the torch path: call it without the op's dispatch, which
         # costs more than the op itself on a decoder step's rows
-        y, _, _ = _layer_norm_forward_torch(rows, weight, bias, float(eps))
-        return y.reshape(x.shape)
-    y, _, _ = layer_norm_op(rows, weight, bias, float(eps))
+        y, _, _ = _layer_norm_forward_torch(rows, weight, bias, eps)
     return y.reshape(x.shape)
