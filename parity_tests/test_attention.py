@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import reference.attention as ref
 import torch_impl.attention as tim
+import torch_impl.kernels.attention as kat
 from parity_tests.parity import assert_close, to_numpy
 from parity_tests.strategies import (
     AttentionConfig,
@@ -212,11 +213,12 @@ def test_torch_impl_attention_float64_matches_reference(config: AttentionConfig,
 def test_blocked_loop_matches_reference_where_aten_kernels_would_run(config: AttentionConfig,
                                                                     block_k: int) -> None:
     """The CPU sends float attention with dv = d and no dropout to ATen's flash kernels
-    (_aten_flash_fits; masks as one additive mask); the blocked Python loop, forced here,
-    still matches the reference on those inputs, so both paths stay tested (issue #5)."""
+    (kernels/attention.py's _aten_fits; masks as one additive mask); the blocked Python loop,
+    forced here, still matches the reference on those inputs, so both paths stay tested
+    (issue #5)."""
     inputs = build_attention_inputs(config)
     expected = run_reference_attention_with_condition(inputs, FLOAT64_CONDITION_LIMIT)
-    with mock.patch.object(tim, "_aten_flash_fits", lambda *args: False):
+    with mock.patch.object(kat, "_aten_fits", lambda *args: False):
         actual = run_torch_impl_attention(inputs, block_k=block_k)
     assert_attention_close(actual, expected, TORCH64_VS_REF64)
 

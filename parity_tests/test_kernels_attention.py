@@ -18,6 +18,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import torch_impl.attention as tim
 import torch_impl.kernels.attention as kat
 from parity_tests.kernel_paths import PATHS, TRITON
 from parity_tests.parity import assert_close
@@ -195,6 +196,52 @@ def test_triton_and_torch_paths_save_the_same_log_sum_exp(path: str) -> None:
     assert bool((lse_triton[dead] > 0).all())
     assert_close(lse_triton[~dead], lse_torch[~dead], TORCH64_VS_REF64.forward, "L")
     assert_close(saved[path][0], saved["torch"][0], TORCH64_VS_REF64.forward, "out")
+
+
+# ----------------------------------------------------------------------------- one decision
+
+def count_triton_launches(monkeypatch) -> dict:
+    """Count the Triton forward and backward launches of kernels/attention.py."""
+    launches = {"forward": 0, "backward": 0}
+    for kind in launches:
+        launch = getattr(kat, f"_flash_attention_{kind}_triton")
+
+        def counted(*args, kind=kind, launch=launch):
+            launches[kind] += 1
+            return launch(*args)
+        monkeypatch.setattr(kat, f"_flash_attention_{kind}_triton", counted)
+    return launches
+
+
+@pytest.mark.parametrize("path", [TRITON])
+def test_public_attention_runs_the_triton_kernels_exactly_where_they_fit(path: str,
+                                                                       monkeypatch) -> None:
+    """The one decision of kernels/attention.py serves every entry point: the functional pair
+    and the autograd function run the Triton kernels on causal, padded attention, from
+    non-contiguous views as a GPT block passes them, and the torch loop on an attn_mask,
+    which the kernels cannot hold; all match the reference."""
+    inputs = build_attention_inputs(CAUSAL_ACROSS_BLOCKS)
+    expected = run_reference_attention(inputs)
+    q, k, v = (to_torch(a).transpose(1, 2).contiguous().transpose(1, 2)
+               for a in (inputs.q, inputs.k, inputs.v))
+    assert not q.is_contiguous()
+    dout = to_torch(inputs.dout)
+    kwargs = dict(key_padding_mask=to_torch(inputs.key_padding_mask), causal=inputs.causal,
+                  scale=inputs.config.scale)
+    launches = count_triton_launches(monkeypatch)
+    no_mask = torch.zeros(q.shape[2], k.shape[2], dtype=torch.bool)
+    with (kernel_path(path), mock.patch.object(kat, "BLOCK_Q", SMALL_BLOCK),
+          mock.patch.object(kat, "BLOCK_K", SMALL_BLOCK)):
+        for attn_mask, triton_launches in ((None, 1), (no_mask, 0)):
+            launches.update(forward=0, backward=0)
+            out, cache = tim.scaled_dot_product_attention_forward(q, k, v, attn_mask, **kwargs)
+            grads = tim.scaled_dot_product_attention_backward(dout, cache)
+            assert_attention_close((out, grads), expected, TORCH64_VS_REF64)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = tim.scaled_dot_product_attention(*leaves, attn_mask, **kwargs)
+            grads = torch.autograd.grad(out, leaves, dout)
+            assert_attention_close((out.detach(), grads), expected, TORCH64_VS_REF64)
+            assert launches == {"forward": 2 * triton_launches, "backward": 2 * triton_launches}
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -18,6 +18,7 @@ import torch
 from hypothesis import example, given
 
 import reference.transformer as ref
+import torch_impl.attention as tim_attention
 import torch_impl.transformer as tim
 from reference.gradcheck import numerical_gradients
 
@@ -529,6 +530,38 @@ def test_model_rejects_out_of_range_ids_naming_them(backend) -> None:
         model(convert(np.zeros((1, 3), np.int64)))
     with pytest.raises(ValueError, match=r"^targets: values must be in 0\.\.2"):
         model(convert(np.zeros((1, 2), np.int64)), convert(np.array([[0, 5]])))
+
+
+@BACKENDS
+def test_model_rejects_nan_weights_naming_them(backend) -> None:
+    case = ONE_TOKEN._replace(block_size=2)
+    if backend == "reference":
+        model, convert = ref.GPT(case.reference_config()), np.asarray
+        model.params["transformer.h.0.mlp.c_fc.weight"][0, 1] = np.nan
+    else:
+        model, convert = tim.GPT(case.torch_impl_config()), torch.as_tensor
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^params\['transformer.h.0.mlp.c_fc.weight'\]: "
+                                         r"contains NaN or inf \(first at index \(0, 1\)\)"):
+        model(convert(np.array([[0, 1]])))
+
+
+def test_gpt_validates_once_at_its_entry_and_its_blocks_trust_the_attention_inputs(
+        monkeypatch) -> None:
+    """The module, the functional pair and a decoder step check ids, masks and weights at the
+    entry; their blocks call the attention op's internals, never the public, validating
+    attention (whose NaN scans of q, k and v were three per block)."""
+    def revalidated(*args, **kwargs):
+        raise AssertionError("a GPT block went through the public attention's validation")
+
+    monkeypatch.setattr(tim_attention, "check_attention_args", revalidated)
+    inputs = make_gpt_inputs(DROPOUT_NO_BIAS)
+    run_torch_impl_module(inputs, torch.float64)
+    run_torch_impl_functional(inputs, torch.float64)
+    model = tim.GPT(DROPOUT_NO_BIAS.torch_impl_config()).eval()
+    _, state = model.prefill(torch.zeros(2, 2, dtype=torch.int64))
+    model.step(torch.zeros(2, dtype=torch.int64), state)
 
 
 def test_config_fields_are_the_same_in_both_backends() -> None:

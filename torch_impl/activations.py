@@ -138,18 +138,22 @@ class GeluCache(NamedTuple):
     approximate: str
 
 
+def _gelu_cdf(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Φ(x), or its tanh approximation c = σ(2u) with u = √(2/π) (x + 0.044715 x³)."""
+    # erfc(-x/√2) and σ(2u) rather than 1 + erf(x/√2) and 1 + tanh u: no cancellation in the
+    # negative tail, so y keeps full relative precision there.
+    if approximate == "none":
+        return 0.5 * torch.special.erfc(-x * math.sqrt(0.5))
+    return torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x * x * x))
+
+
 def gelu_forward(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, GeluCache]:
     """y = x Φ(x) (approximate="none") or its tanh approximation (GPT-2's "gelu_new")."""
     check_float_tensor("x", x)
     if approximate not in GELU_APPROXIMATIONS:
         raise ValueError(f"approximate: expected one of {', '.join(map(repr, GELU_APPROXIMATIONS))}"
                          f", got {approximate!r}")
-    # erfc(-x/√2) and σ(2u) rather than 1 + erf(x/√2) and 1 + tanh u: no cancellation in the
-    # negative tail, so y keeps full relative precision there.
-    if approximate == "none":
-        cdf = 0.5 * torch.special.erfc(-x * math.sqrt(0.5))
-    else:
-        cdf = torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_TANH_COEF * x * x * x))
+    cdf = _gelu_cdf(x, approximate)
     return x * cdf, GeluCache(x, cdf, approximate)
 
 
@@ -164,18 +168,18 @@ def gelu_backward(dy: torch.Tensor, cache: GeluCache) -> torch.Tensor:
 
 
 class GeluFunction(torch.autograd.Function):
-    """y = gelu(x, approximate) with the hand-written backward above. apply(x, approximate)."""
+    """y = gelu(x, approximate) with the hand-written backward above. apply(x, approximate).
+    For the models, which validate at their entry points: it trusts its arguments."""
 
     @staticmethod
     def forward(ctx, x, approximate):
-        y, cache = gelu_forward(x, approximate)
         ctx.save_for_backward(x)  # the cdf is recomputed: cheap next to the matmuls around it
         ctx.approximate = approximate
-        return y
+        return x * _gelu_cdf(x, approximate)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        _, cache = gelu_forward(x, ctx.approximate)
+        cache = GeluCache(x, _gelu_cdf(x, ctx.approximate), ctx.approximate)
         return gelu_backward(dy, cache), None

@@ -7,15 +7,13 @@ what was expected. Internals trust their inputs.
 
 Value checks (finiteness, index ranges) read the data, which costs a device
 sync on CUDA; they are skipped while ``torch.compile`` traces, where data is
-symbolic, and inside ``trusted_values()``, where a module's own intermediates go through public
-functions.
+symbolic. Models validate their inputs and weights at their entry points and then call the
+ops' internals, which check nothing.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,22 +22,6 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
-
-
-_trusted = threading.local()
-
-
-@contextmanager
-def trusted_values() -> Iterator[None]:
-    """Within the block, ``check_float_tensor`` skips its NaN/inf scan: for a module's own
-    intermediate tensors (a decoder step's q, k, v), made from inputs it validated, where the
-    scan would cost more than the small ops it guards. Shapes and dtypes are still checked."""
-    previous = getattr(_trusted, "on", False)
-    _trusted.on = True
-    try:
-        yield
-    finally:
-        _trusted.on = previous
 
 
 def shape_str(shape: Sequence[object]) -> str:
@@ -68,14 +50,29 @@ def check_float_tensor(name: str, x: object, shape: Sequence[object] | None = No
     # a finite sum means finite elements (NaN and ±inf propagate), and the sum reads x once
     # (~40x cheaper than isfinite(x).all()); only a non-finite sum, which all-finite huge
     # values can also overflow to, pays for the exact elementwise check
-    if (finite and not _tracing() and not getattr(_trusted, "on", False)
-            and not bool(torch.isfinite(x.sum()))):
+    if finite and not _tracing() and not bool(torch.isfinite(x.sum())):
         nonfinite = ~torch.isfinite(x)
         if bool(nonfinite.any()):
             bad = torch.nonzero(nonfinite)[0]
             raise ValueError(f"{name}: contains NaN or inf (first at index "
                              f"{tuple(int(i) for i in bad)})")
     return x
+
+
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise ValueError naming the first of the ``(name, tensor)`` pairs (a model's weights)
+    that holds NaN or inf. One sum per tensor and a single read back for all of them; only a
+    non-finite total pays for the per-tensor checks that find the culprit."""
+    if _tracing():
+        return
+    named = list(named)
+    if not named:
+        return
+    with torch.no_grad():
+        total = torch.stack([x.sum() for _, x in named]).sum()
+    if not bool(torch.isfinite(total)):
+        for name, x in named:
+            check_float_tensor(name, x)
 
 
 def check_shape(name: str, got: Sequence[int], expected: Sequence[object]) -> None:

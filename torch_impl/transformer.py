@@ -20,8 +20,11 @@ backward runs the chain in reverse, the residual stream adding each branch's gra
 flowing past it, and wte's gradient summing its two uses. The ``GPT`` module computes the same
 function under autograd: layer norm and the loss are the fused custom ops
 ``seqtwin::layer_norm`` and ``seqtwin::cross_entropy`` (registered hand-written backwards; both
-paths share them), attention and gelu go through their autograd Functions, the Conv1D
-projections and lookups are plain torch ops.
+paths share them), attention is ``kernels/attention.py``'s ``attention`` (its hand-written
+backward), gelu goes through its autograd Function (which trusts its input), the Conv1D
+projections and lookups are plain torch ops. Both validate their arguments once, at the entry
+(``gpt_forward`` and ``GPT.forward`` the inputs and weights, ``prefill`` and ``step`` the
+tokens and state); the blocks call internals, which trust them.
 Generation (``GPT.init_state`` / ``prefill`` / ``step``, for the decoders): a step at position t
 feeds one token per row, x = wte[token] + wpe[t]; with the KV cache each block computes only the
 new q, k, v, appends k, v to the layer's cache (B, h, t + 1, d) and lets q attend over all of it
@@ -39,23 +42,25 @@ import torch
 from torch import Tensor, nn
 
 from .activations import GeluCache, GeluFunction, gelu_backward, gelu_forward
-from .attention import (
-    AttentionCache,
-    scaled_dot_product_attention,
-    scaled_dot_product_attention_backward,
-    scaled_dot_product_attention_forward,
-)
 from .checks import (
     check_dropout_masks,
+    check_finite_tensors,
     check_float_tensor,
     check_int_tensor,
     check_positive_int,
     check_probability,
     shape_str,
-    trusted_values,
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .kernels.attention import (
+    BLOCK_K,
+    AttentionCache,
+    AttentionMasks,
+    attention,
+    attention_backward,
+    attention_forward,
+)
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import (
     CrossEntropyCache,
@@ -276,6 +281,11 @@ def _dropout_back(dy: Tensor, cache: DropoutCache | None) -> Tensor:
     return dy if cache is None else dropout_backward(dy, cache)
 
 
+def _causal_masks(keep_mask: Tensor | None, p: float) -> AttentionMasks:
+    """A GPT's attention masks: causal, and dropout's keep-mask M (None without dropout)."""
+    return AttentionMasks(causal=True, keep_mask=keep_mask, keep_scale=1.0 / (1.0 - p))
+
+
 def _block_forward(x: Tensor, params: Mapping[str, Tensor], prefix: str, config: GPTConfig,
                    masks: Mapping[str, Tensor] | None) -> tuple[Tensor, BlockCache]:
     """x + attn(LN_1(x)), then + mlp(LN_2(.)) for x (B, T, E)."""
@@ -290,8 +300,8 @@ def _block_forward(x: Tensor, params: Mapping[str, Tensor], prefix: str, config:
     # (B, T, 3E) -> three (B, nh, T, d) tensors: heads become a batch axis of the attention.
     q, k, v = qkv.reshape(B, T, 3, nh, E // nh).permute(2, 0, 3, 1, 4)
     attn_keep = None if masks is None else masks[f"{prefix}.attn.attn_dropout"]
-    a, attn = scaled_dot_product_attention_forward(q, k, v, causal=True,
-                                                   dropout=p, dropout_mask=attn_keep)
+    a, attn = attention_forward(q, k, v, _causal_masks(attn_keep, p), 1.0 / math.sqrt(E // nh),
+                                BLOCK_K)
     a = a.transpose(1, 2).reshape(B, T, E)
     a, c_proj = _conv1d_forward(a, param("attn.c_proj.weight"), param("attn.c_proj.bias"))
     a, resid_dropout = _dropout(a, p, masks, f"{prefix}.attn.resid_dropout")
@@ -332,7 +342,7 @@ def _block_backward(dx: Tensor, cache: BlockCache, prefix: str, n_head: int,
     da, dw, db = _conv1d_backward(da, cache.c_proj)
     put("attn.c_proj", dw, db)
     da = da.reshape(B, T, n_head, E // n_head).transpose(1, 2)
-    dq, dk, dv = scaled_dot_product_attention_backward(da, cache.attn)
+    dq, dk, dv = attention_backward(da, cache.attn)
     # the inverse of the split: three (B, nh, T, d) gradients back to (B, T, 3E)
     dqkv = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * E)
     dh, dw, db = _conv1d_backward(dqkv, cache.c_attn)
@@ -467,8 +477,7 @@ class _Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         attn_keep = None if masks is None else masks[f"{prefix}.attn_dropout"]
         # causal is aligned bottom-right: query i (position t + i) sees keys 0..t + i
-        a = scaled_dot_product_attention(q, k, v, causal=True, dropout=p,
-                                         dropout_mask=attn_keep)
+        a = attention(q, k, v, _causal_masks(attn_keep, p), 1.0 / math.sqrt(E // self.n_head))
         a = self.c_proj(a.transpose(1, 2).reshape(B, T, E))
         return _drop(a, p, masks, f"{prefix}.resid_dropout"), (k, v)
 
@@ -531,9 +540,13 @@ class GPT(nn.Module):
                 dropout_masks: Mapping[str, Tensor] | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         """ids (B, T) -> (logits (B, T, V), loss or None). Dropout only in training mode,
-        with the given masks or Bernoulli(1 - p) keep-masks drawn on the device."""
+        with the given masks or Bernoulli(1 - p) keep-masks drawn on the device.
+
+        The inputs and the weights (NaN/inf, named as gpt_forward's params) are validated
+        here, once; the blocks call the ops' internals, which trust them."""
         config = self.config
         B, T = _check_inputs(ids, targets, config)
+        check_finite_tensors((f"params[{name!r}]", w) for name, w in self.named_parameters())
         p = config.dropout if self.training else 0.0
         if p == 0:
             dropout_masks = None
@@ -597,7 +610,9 @@ class GPT(nn.Module):
 
         With the KV cache only the new token's q, k, v are computed, its k, v appended to the
         cache, and its query attends over all t + 1 keys; without it, the forward reruns on
-        the whole prefix (B, t + 1) and the last position's logits are returned.
+        the whole prefix (B, t + 1) and the last position's logits are returned. Checks the
+        tokens and the state, not the weights (a per-token cost; the decoders check the
+        logits).
         """
         config = self.config
         if not isinstance(state, GPTState):
@@ -611,10 +626,6 @@ class GPT(nn.Module):
             raise ValueError(f"tokens: position {t} is past the context, config.block_size = "
                              f"{config.block_size} (the state has seen {t} tokens)")
         tokens = tokens.long().to(rows.device)
-        with trusted_values():  # q, k, v and activations are ours, made from checked inputs
-            return self._step(tokens, state, t)
-
-    def _step(self, tokens: Tensor, state: GPTState, t: int) -> tuple[Tensor, GPTState]:
         if state.keys is None:
             ids = torch.cat([state.ids, tokens[:, None]], dim=1)
             logits, _ = self._logits(ids)
