@@ -10,7 +10,8 @@ from torch_impl.kernels.layer_norm import layer_norm
 
 
 def test_kernel_path_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match="path: expected one of 'auto', 'triton', 'native', 'torch'"):
+    expected = "path: expected one of 'auto', 'triton', 'native', 'torch'"
+    with pytest.raises(ValueError, match=expected):
         kernels.set_kernel_path("cuda")
 
 
