@@ -255,14 +255,14 @@ def test_torch_impl_float32_on_the_onednn_packed_path_matches_reference(
 @pytest.mark.usefixtures("recurrent_path")
 def test_torch_impl_float32_with_packed_weights_on_the_native_path_matches_reference(
         kind: str, run_layer) -> None:
-    """T·B = 2048 rows: the native kernel multiplies by MKL-packed W_hh, forward and backward
+    """T·B = 2048 rows: the native kernel multiplies by oneDNN-reordered W_hh, forward and backward
     (the hypothesis configs stay below its pack_min_rows)."""
     module = native.load("recurrent")
     assert ONEDNN_PACKED.batch * ONEDNN_PACKED.steps >= module.get_pack_min_rows()
     before = module.packings()
     inputs = make_recurrent_inputs(kind, ONEDNN_PACKED)
     run = run_layer(kind, inputs, dtype=torch.float32)
-    if torch.backends.mkl.is_available():  # the packed GEMM is MKL's
+    if torch.backends.mkldnn.is_available():  # the reordered matmul is oneDNN's
         assert module.packings() - before == 2 * ONEDNN_PACKED.num_layers * \
             ONEDNN_PACKED.directions
     assert_runs_close(run, reference_functional(kind, inputs), TORCH32_VS_REF64)
