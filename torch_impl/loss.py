@@ -2,8 +2,8 @@
 
 Twin of ``reference/loss.py`` on torch tensors. The per-row math, forward and backward by
 hand, is the fused op ``seqtwin::cross_entropy`` (``kernels/cross_entropy.py``: Triton on CUDA,
-torch elsewhere); this file validates, reduces, and keeps the explicit cache. Semantics of
-``torch.nn.functional.cross_entropy`` with the classes on the last axis. For logits
+C++ on the CPU, torch elsewhere); this file validates, reduces, and keeps the explicit cache.
+Semantics of ``torch.nn.functional.cross_entropy`` with the classes on the last axis. For logits
 x (..., C) and a target t at one position, with m = max_c x_c and z = Σ_c e^{x_c - m}:
 
     log p_c  = (x_c - m) - log z
@@ -35,9 +35,10 @@ from .kernels.cross_entropy import (
     REDUCTIONS,
     check_cross_entropy_args,
     cross_entropy,
-    cross_entropy_backward_op,
-    cross_entropy_op,
+    cross_entropy_rows,
+    cross_entropy_rows_backward,
     reduce_losses,
+    reduce_losses_backward,
 )
 
 __all__ = ["REDUCTIONS", "CrossEntropyCache", "cross_entropy", "cross_entropy_backward",
@@ -49,7 +50,8 @@ class CrossEntropyCache(NamedTuple):
     targets: torch.Tensor   # t (...)
     m: torch.Tensor         # (...) max_c x_c   (float32 for low-precision logits)
     log_z: torch.Tensor     # (...) log Σ_c e^{x_c - m}
-    count: torch.Tensor     # () number of targets != ignore_index, kept on the device (no sync)
+    count: int | torch.Tensor  # targets != ignore_index: an int on the CPU (read with the
+                               # targets' check), else a 0-d tensor on the device
     reduction: str
     ignore_index: int
     label_smoothing: float  # ε
@@ -64,16 +66,14 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, reduction
     Returns a 0-d tensor for "mean"/"sum", or per-target losses (shape of
     targets, 0 at ignored positions) for "none".
     """
-    eps = check_cross_entropy_args(logits, targets, reduction, ignore_index, label_smoothing,
-                                   finite=True)
-    C = logits.shape[-1]
-    loss, m, log_z = cross_entropy_op(logits.reshape(-1, C), targets.reshape(-1), ignore_index,
-                                      eps)
-    count = (targets != ignore_index).sum()
-    shape = tuple(targets.shape)
-    cache = CrossEntropyCache(logits, targets, m.reshape(shape), log_z.reshape(shape), count,
+    eps, count = check_cross_entropy_args(logits, targets, reduction, ignore_index,
+                                          label_smoothing, finite=True)
+    # rows (N, C), (N,) (flatten returns 2-D logits and 1-D targets themselves)
+    loss, m, log_z = cross_entropy_rows(logits.flatten(0, -2), targets.flatten(), ignore_index,
+                                        eps)
+    cache = CrossEntropyCache(logits, targets, m.view_as(targets), log_z.view_as(targets), count,
                               reduction, ignore_index, eps)
-    return reduce_losses(loss.reshape(shape), count, reduction).to(logits.dtype), cache
+    return reduce_losses(loss.view_as(targets), count, reduction).to(logits.dtype), cache
 
 
 @torch.no_grad()
@@ -89,12 +89,9 @@ def cross_entropy_backward(dloss: torch.Tensor | float, cache: CrossEntropyCache
         raise TypeError(f"dloss: expected a float or a 0-d torch.Tensor for reduction "
                         f"{cache.reduction!r}, got {type(dloss).__name__}")
     dloss = torch.as_tensor(dloss, dtype=m.dtype, device=m.device)
-    if cache.reduction == "mean":
-        dloss = dloss / cache.count.clamp_min(1).to(m.dtype)
-    C = logits.shape[-1]
     # the op takes one upstream gradient per row: a scalar one is the same for every row
-    dlogits = cross_entropy_backward_op(dloss.expand(targets.shape).reshape(-1),
-                                        logits.reshape(-1, C), targets.reshape(-1),
-                                        m.reshape(-1), cache.log_z.reshape(-1),
-                                        cache.ignore_index, cache.label_smoothing)
-    return dlogits.reshape(logits.shape)
+    dloss = reduce_losses_backward(dloss, cache.count, cache.reduction, targets.numel())
+    dlogits = cross_entropy_rows_backward(dloss, logits.flatten(0, -2), targets.flatten(),
+                                          m.flatten(), cache.log_z.flatten(),
+                                          cache.ignore_index, cache.label_smoothing)
+    return dlogits.view_as(logits)
