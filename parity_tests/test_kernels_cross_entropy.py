@@ -265,6 +265,16 @@ def test_eager_native_path_equals_the_custom_op_bit_for_bit(reduction: str, igno
     assert torch.equal(fast, op) and torch.equal(dfast, dop)
 
 
+def test_eager_native_path_refuses_a_second_backward() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    dloss = torch.tensor(1.0, requires_grad=True)  # so that dlogits could depend on it
+    with kernel_path("native"):
+        (dlogits,) = torch.autograd.grad(kce.cross_entropy(logits, torch.arange(4)), logits,
+                                         dloss, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dlogits.sum().backward()
+
+
 def peak_allocated_bytes(fn) -> int:
     """The most bytes the CPU allocator held during ``fn()`` beyond what it held before:
     every allocation and free, the C++ kernels' own included, as torch.profiler sees them."""
