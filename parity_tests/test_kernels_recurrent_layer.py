@@ -184,3 +184,33 @@ def test_layer_forward_calls_the_op_when_given_no_module() -> None:
     direct = krl.layer_forward(module, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, True)
     for a, b in zip(via_op, direct):
         assert torch.equal(a, b)
+
+
+def test_step_gemm_rejects_an_unknown_mode() -> None:
+    module = native.load("recurrent")
+    with pytest.raises(RuntimeError, match="step_gemm"):
+        module.set_step_gemm("fast")
+    assert module.get_step_gemm() == "auto"
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_float32_activations_saturate_and_match_float64(cell: str) -> None:
+    """float32 gates use a polynomial exp and tanh = 2σ(2x) - 1: at pre-activations of ±100
+    the states saturate to ±1 without NaN, and on ordinary values they follow float64."""
+    module = native.load("recurrent")
+    T, B, I, H = 5, 3, 4, 6
+    G = krl.NUM_GATES[cell]
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, I, generator=generator, dtype=torch.float64)
+    w_ih = torch.randn(G * H, I, generator=generator, dtype=torch.float64)
+    w_hh = torch.randn(G * H, H, generator=generator, dtype=torch.float64) * 0.3
+    h0 = torch.randn(B, H, generator=generator, dtype=torch.float64).tanh()  # |h| <= 1 throughout
+    c0 = torch.randn(B, H, generator=generator, dtype=torch.float64) if cell == "lstm" else None
+    for scale in (1.0, 100.0):
+        runs = [krl.layer_forward(module, cell, (x * scale).to(dtype), w_ih.to(dtype),
+                                  w_hh.to(dtype), None, None, h0.to(dtype),
+                                  None if c0 is None else c0.to(dtype), None, False)
+                for dtype in (torch.float32, torch.float64)]
+        assert torch.isfinite(runs[0].hs).all()
+        assert runs[0].hs.abs().max() <= 1.0 + 1e-6
+        assert_close(runs[0].hs.double(), runs[1].hs, 1e-5, "hs")

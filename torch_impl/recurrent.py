@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .checks import (
+    _tracing,
     check_finite_tensors,
     check_float_tensor,
     check_lengths,
@@ -162,6 +163,10 @@ def infer_layout(params: Mapping[str, Tensor], num_gates: int, dtype: torch.dtyp
     H comes from weight_hh_l0 (G*H, H), I from weight_ih_l0 (G*H, I); every expected
     tensor must then be present with its exact shape and ``dtype``.
     """
+    signature = _params_signature(params, num_gates, dtype)
+    layout = _LAYOUTS.get(signature) if signature is not None else None
+    if layout is not None:
+        return layout
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a dict of tensors keyed by torch.nn names, "
                         f"got {type(params).__name__}")
@@ -187,7 +192,27 @@ def infer_layout(params: Mapping[str, Tensor], num_gates: int, dtype: torch.dtyp
         if key not in params:
             raise ValueError(f"params: missing key {key!r} (expected shape {shape_str(shape)})")
         check_float_tensor(f"params[{key!r}]", params[key], shape, dtype=dtype, finite=False)
+    if signature is not None and len(_LAYOUTS) < 1024:
+        _LAYOUTS[signature] = layout
     return layout
+
+
+# Layouts of params dicts that passed infer_layout, by their keys, shapes and dtypes: a layer
+# called again with the same weights skips the per-key parsing and checks (~25 us a call).
+_LAYOUTS: dict[tuple, Layout] = {}
+
+
+def _params_signature(params: object, num_gates: int, dtype: torch.dtype) -> tuple | None:
+    """What infer_layout's verdict depends on, hashable; None where it cannot be cached
+    (not a dict of tensors, or shapes that are symbolic under torch.compile)."""
+    if not isinstance(params, dict) or _tracing():
+        return None
+    entries = []
+    for key, p in params.items():
+        if type(p) is not nn.Parameter and type(p) is not Tensor:
+            return None
+        entries.append((key, p.shape, p.dtype))
+    return (num_gates, dtype, tuple(entries))
 
 
 # ----------------------------------------------------------------------------- validation
