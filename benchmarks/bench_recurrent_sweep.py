@@ -200,7 +200,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], total: int) -> st
     counts = [[*g, sum(r["verdict"] == "met" for r in rows if group(r) == g),
                sum(group(r) == g for r in rows)] for g in dict.fromkeys(map(group, rows))]
     lines += [markdown_table(["cell", "workload", "dtype", "met", "points"], counts), "",
-              "## Points", ""]
+              "## Summary", "", summary_table(rows), "", "## Points", ""]
 
     def ms(row: dict[str, Any], impl: str) -> str:
         t = row["times_s"].get(impl)
@@ -217,6 +217,34 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], total: int) -> st
     lines += ["", "![GFLOP/s](recurrent_sweep.png)", "",
               "![ratios](recurrent_sweep_ratios.png)"]
     return "\n".join(lines)
+
+
+HEADLINE_POINT = {"B": 32, "T": 64, "H": 512}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Per cell, workload and dtype: the points at >= 1.0x torch.nn and at >= 1.0x the
+    reference (median ratios), the lowest median ratio against torch.nn and where, and the
+    ratio at B32 T64 H512 (the README's headline is this table)."""
+    def ratio(r: dict[str, Any], key: str) -> float | None:
+        value = r[key]
+        return None if value == "not run" else value["median"]
+
+    table = []
+    for group in dict.fromkeys((r["cell"], r["workload"], r["dtype"]) for r in rows):
+        panel = [r for r in rows if (r["cell"], r["workload"], r["dtype"]) == group]
+        vs_nn = sum(ratio(r, "vs_torch_nn") >= 1.0 for r in panel)
+        ran = [r for r in panel if ratio(r, "vs_reference") is not None]
+        vs_ref = sum(ratio(r, "vs_reference") >= 1.0 for r in ran)
+        worst = min(panel, key=lambda r: ratio(r, "vs_torch_nn"))
+        head = [r for r in panel if all(r[k] == v for k, v in HEADLINE_POINT.items())]
+        table.append([*group, f"{vs_nn} of {len(panel)}", f"{vs_ref} of {len(ran)}",
+                      f"{ratio(worst, 'vs_torch_nn'):.2f}x (B{worst['B']} T{worst['T']} "
+                      f"H{worst['H']})",
+                      format_ratio(head[0]["vs_torch_nn"]) if head else "not run"])
+    return markdown_table(["cell", "workload", "dtype", ">= 1.0x torch.nn",
+                           ">= 1.0x reference", "lowest vs torch.nn", "B32 T64 H512 vs torch.nn"],
+                          table)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, ratios: bool, title: str) -> None:
@@ -302,6 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="results folder (default: benchmarks/out/)")
+    p.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                   help="time nothing: rewrite the Markdown and plots of a sweep's JSON into "
+                        "--out")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.cells, args.dtypes = args.cells.split(","), args.dtypes.split(",")
@@ -314,6 +345,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        total = len(grid(argparse.Namespace(**saved["meta"]["settings"])))
+        paths = write_outputs(saved["points"], saved["meta"], total, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        return 0
     threads = pin_threads(args.threads)
     if args.worker is not None:
         return worker(args, threads)
