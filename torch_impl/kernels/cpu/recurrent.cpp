@@ -530,7 +530,8 @@ void forward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, T* xw, const T
 
 template <typename T>
 void backward_loop(int64_t cell, int64_t Tn, int64_t B, int64_t H, const T* dout,
-                   const T* dc_rows, int64_t st, int64_t sb, const T* w_hh, const T* hs, const T* cs, const T* saved,
+                   const T* dc_rows, int64_t st, int64_t sb, const T* w_hh, const T* hs,
+                   const T* cs, const T* saved,
                    T* dgx, T* dgh, T* dh_a, T* dh_b, T* dc, const int64_t* lengths,
                    bool reverse) {
   const int64_t G = num_gates(cell), BH = B * H;
@@ -593,7 +594,7 @@ void check_contiguous(const Tensor& t, const char* name) {
 Tensor project(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias) {
   const OneDNN* ops = x.scalar_type() == at::kFloat ? onednn() : nullptr;
   if (ops != nullptr && step_gemm != StepGemm::BLAS &&
-      (onednn_projection_pays(x.size(0), w.size(0), x.size(1)) || step_gemm == StepGemm::ONEDNN)) {
+      (step_gemm == StepGemm::ONEDNN || onednn_projection_pays(x.size(0), w.size(0), x.size(1)))) {
     return ops->linear.call(x, w, bias, "none", c10::List<std::optional<c10::Scalar>>(),
                             std::nullopt);
   }
@@ -724,5 +725,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string(step_gemm == StepGemm::AUTO ? "auto"
                        : step_gemm == StepGemm::BLAS ? "blas" : "onednn");
   });
-  m.def("packings", [] { return packings.load(); }, "how many weights were reordered for oneDNN so far");
+  m.def("packings", [] { return packings.load(); },
+        "how many weights were reordered for oneDNN so far");
 }
