@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks import OPENBLAS_ENV
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -150,6 +152,8 @@ def run_processes(module: str, argv: list[str], processes: int, threads: int) ->
     each wrote to its FILE, ``{"threads": the count it ran with, ...}``. A worker that fails
     raises ``subprocess.CalledProcessError``; one that ran with other threads, RuntimeError."""
     env = dict(os.environ, **{name: str(threads) for name in THREAD_ENV})
+    for name, value in OPENBLAS_ENV.items():
+        env.setdefault(name, value)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(processes):
