@@ -42,6 +42,7 @@ from .decoding import (
 )
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import embedding_backward, embedding_forward
+from .generation import GenerateOutput, GenerationConfig
 from .gpt2 import load_gpt2, save_gpt2
 from .gradcheck import gradcheck, numerical_gradients
 from .gru import GRU, gru_backward, gru_cell_backward, gru_cell_forward, gru_forward
@@ -159,6 +160,8 @@ __all__ = [
     "sample_decode",
     "sample_tokens",
     "beam_search",
+    "GenerationConfig",
+    "GenerateOutput",
     # language models
     "rnn_lm_forward",
     "rnn_lm_backward",

@@ -21,13 +21,15 @@ The recurrent state is a tuple of (L, B, H) arrays: ``(h,)`` for the RNN and GRU
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from . import generation
 from .checks import check_float_array, check_int_array, check_positive_int, check_probability
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .gru import GRU, gru_backward, gru_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
@@ -322,6 +324,74 @@ class RNNLM(Module):
         (logits, _, state_n), _ = rnn_lm_forward(tokens[:, None], self.params, self.cell, state)
         return logits[:, 0], state_n
 
+    # ------------------------------------------------------------------------- generate
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: np.ndarray | None = None,
+                 generator: np.random.Generator | None = None, return_dict: bool = False,
+                 **options: Any) -> np.ndarray | GenerateOutput:
+        """Continue the prompts ``input_ids`` (B, P) as ``transformers``' ``generate`` does;
+        arguments, options and result as ``GPT.generate`` (``generation`` module docstring).
+        A left-padded row is run from its first token (the padding never enters the state)."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        return generation.run(_RNNLMSession(self), ids, mask, config, self.vocab_size,
+                              uniforms, streamer, return_dict)
+
+    def generate_stream(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                        generation_config: object = None, *, uniforms: np.ndarray | None = None,
+                        generator: np.random.Generator | None = None,
+                        **options: Any) -> Iterator[np.ndarray]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's tokens."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        return generation.stream(_RNNLMSession(self), ids, mask, config, uniforms,
+                                 self.vocab_size)
+
+    def _generate_args(self, input_ids: object, attention_mask: object,
+                       generation_config: object, options: dict[str, Any], uniforms: object,
+                       generator: object) -> tuple:
+        def weights() -> None:
+            for name, w in self.params.items():
+                check_float_array(f"params[{name!r}]", w)
+
+        return generation.prepare(
+            input_ids, attention_mask, generation_config, options,
+            vocab_size=self.vocab_size, context=None, weights=weights, uniforms=uniforms,
+            generator=generator)
+
     def __repr__(self) -> str:
         return (f"RNNLM({self.vocab_size}, {self.embed_size}, {self.hidden_size}, "
                 f"num_layers={self.num_layers}, cell={self.cell!r}, dropout={self.dropout})")
+
+
+class _RNNLMSession:
+    """``generate``'s decode session for an RNNLM (``generation.DecodeSession``): the state
+    (h,) or (h, c), each (L, N, H). A left-padded prompt is shifted to start at t = 0 and run
+    with its length, so its state is that of the prompt alone; a step is one
+    ``rnn_lm_forward`` of length 1."""
+
+    def __init__(self, model: RNNLM) -> None:
+        self.cell, self.params = model.cell, model.params
+        self.state: tuple = ()
+
+    def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
+        B, P = ids.shape
+        lengths = None
+        if mask is not None:
+            lengths = mask.sum(axis=1)
+            shift = (np.arange(P) + (P - lengths)[:, None]) % P
+            ids = np.take_along_axis(ids, shift, axis=1)  # row b's tokens, then its padding
+        (logits, _, state), _ = rnn_lm_forward(ids, self.params, self.cell, None, lengths)
+        last = P - 1 if lengths is None else lengths - 1
+        self.state = tuple(np.repeat(s, expand, axis=1) for s in state)
+        return np.repeat(logits[np.arange(B), last], expand, axis=0)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        (logits, _, self.state), _ = rnn_lm_forward(tokens[:, None], self.params, self.cell,
+                                                    self.state)
+        return logits[:, 0]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.state = tuple(s[:, index] for s in self.state)

@@ -78,10 +78,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from . import generation
 from .activations import TanhCache, tanh_backward, tanh_forward
 from .checks import (
     check_dropout_masks,
@@ -93,6 +94,7 @@ from .checks import (
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .gru import GRU
 from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
 from .linear import LinearCache, linear_backward, linear_forward
@@ -646,5 +648,74 @@ class Seq2Seq(Module):
                                              state.key_padding_mask, self.params, self.config)
         return logits[:, 0], state._replace(hidden=tuple(h.transpose(1, 0, 2) for h in hidden))
 
+    # ------------------------------------------------------------------------- generate
+
+    def generate(self, src: np.ndarray, src_lengths: np.ndarray | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: np.ndarray | None = None,
+                 generator: np.random.Generator | None = None, return_dict: bool = False,
+                 **options: Any) -> np.ndarray | GenerateOutput:
+        """Generate target sequences for the sources ``src`` (B, Ts) (right-padded to
+        ``src_lengths``) as ``transformers``' encoder-decoder ``generate`` does ->
+        sequences (B * num_return_sequences, 1 + L): ``decoder_start_token_id`` (an option,
+        required: the target BOS) then the new tokens. Options and the other arguments as
+        ``GPT.generate`` (``generation`` module docstring). The encoder runs once."""
+        session, config, ids, uniforms = self._generate_args(
+            src, src_lengths, generation_config, options, uniforms, generator)
+        return generation.run(session, ids, None, config, self.config.tgt_vocab, uniforms,
+                              streamer, return_dict)
+
+    def generate_stream(self, src: np.ndarray, src_lengths: np.ndarray | None = None,
+                        generation_config: object = None, *, uniforms: np.ndarray | None = None,
+                        generator: np.random.Generator | None = None,
+                        **options: Any) -> Iterator[np.ndarray]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's tokens."""
+        session, config, ids, uniforms = self._generate_args(
+            src, src_lengths, generation_config, options, uniforms, generator)
+        return generation.stream(session, ids, None, config, uniforms, self.config.tgt_vocab)
+
+    def _generate_args(self, src: object, src_lengths: object, generation_config: object,
+                       options: dict[str, Any], uniforms: object, generator: object) -> tuple:
+        src_lengths = _check_src(src, src_lengths, self.config)
+
+        def weights() -> None:
+            for name, w in self.params.items():
+                check_float_array(f"params[{name!r}]", w)
+
+        config, ids, uniforms = generation.prepare_decoder(
+            src.shape[0], generation_config, options, vocab_size=self.config.tgt_vocab,
+            weights=weights, uniforms=uniforms, generator=generator)
+        return _Seq2SeqSession(self, src, src_lengths), config, ids, uniforms
+
     def __repr__(self) -> str:
         return f"Seq2Seq({self.config})"
+
+
+class _Seq2SeqSession:
+    """``generate``'s decode session for a Seq2Seq (``generation.DecodeSession``): the
+    encoder runs once in ``start``; its memory and padding mask are repeated per beam and
+    never reordered (a row's beams share its source); the decoder state (h,) or (h, c),
+    each (L, N, Hd), is what a step updates and a reorder selects."""
+
+    def __init__(self, model: Seq2Seq, src: np.ndarray, src_lengths: np.ndarray) -> None:
+        self.config, self.params = model.config, model.params
+        self.src, self.src_lengths = src, src_lengths
+        self.memory = self.key_padding_mask = None
+        self.hidden: tuple = ()
+
+    def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
+        memory, key_padding_mask, state0, _ = _encoder_forward(
+            self.src, self.src_lengths, self.params, self.config)
+        self.memory = np.repeat(memory, expand, axis=0)
+        self.key_padding_mask = np.repeat(key_padding_mask, expand, axis=0)
+        self.hidden = tuple(np.repeat(s, expand, axis=1) for s in state0)
+        return self.step(np.repeat(ids[:, 0], expand))
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        logits, self.hidden, _ = _decoder_forward(tokens[:, None], self.hidden, self.memory,
+                                                  self.key_padding_mask, self.params,
+                                                  self.config)
+        return logits[:, 0]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.hidden = tuple(s[:, index] for s in self.hidden)

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from .activations import GeluCache, gelu_backward, gelu_forward
+from . import generation
+from .activations import GeluCache, gelu_backward, gelu_forward, softmax
 from .attention import (
     AttentionCache,
     scaled_dot_product_attention_backward,
@@ -49,6 +50,7 @@ from .checks import (
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .module import Module
@@ -508,6 +510,55 @@ class GPT(Module):
         return logits[:, 0], GPTState(tuple(block.attn.k for block in cache.blocks),
                                       tuple(block.attn.v for block in cache.blocks), None, t + 1)
 
+    # ------------------------------------------------------------------------- generate
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: np.ndarray | None = None,
+                 generator: np.random.Generator | None = None, return_dict: bool = False,
+                 **options: Any) -> np.ndarray | GenerateOutput:
+        """Continue the prompts ``input_ids`` (B, P) as ``transformers``' ``generate`` does
+        (``generation`` module docstring for every option) -> sequences
+        (B * num_return_sequences, P + L) int64, or a ``GenerateOutput`` with
+        ``return_dict=True``.
+
+        ``attention_mask`` (B, P) of 0/1 marks left padding. Options come as keywords
+        (``max_new_tokens=32, num_beams=4``) or as a ``generation_config`` (seqtwin's
+        ``GenerationConfig`` or transformers'), keywords winning. Sampling draws from
+        ``uniforms`` (B * num_return_sequences, max_new_tokens) when given, else from
+        ``generator`` or the config's ``seed``. ``streamer``: a callable given each step's
+        tokens, or a transformers-style streamer (``put``/``end``). Every argument and the
+        weights are checked once per call; the steps check nothing."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        session = _GPTSession(self, ids.shape[1] + config.max_new_tokens - 1)
+        return generation.run(session, ids, mask, config, self.config.vocab_size, uniforms,
+                              streamer, return_dict)
+
+    def generate_stream(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                        generation_config: object = None, *, uniforms: np.ndarray | None = None,
+                        generator: np.random.Generator | None = None,
+                        **options: Any) -> Iterator[np.ndarray]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's new tokens
+        (B * num_return_sequences,) int64, yielded as soon as they are chosen; a finished row
+        yields ``pad_token_id``. The arguments are checked before the first ``next``."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        session = _GPTSession(self, ids.shape[1] + config.max_new_tokens - 1)
+        return generation.stream(session, ids, mask, config, uniforms, self.config.vocab_size)
+
+    def _generate_args(self, input_ids: object, attention_mask: object,
+                       generation_config: object, options: dict[str, Any], uniforms: object,
+                       generator: object) -> tuple:
+        def weights() -> None:
+            for name, w in self.params.items():
+                check_float_array(f"params[{name!r}]", w)
+
+        return generation.prepare(
+            input_ids, attention_mask, generation_config, options,
+            vocab_size=self.config.vocab_size, context=self.config.block_size,
+            weights=weights, uniforms=uniforms, generator=generator)
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """As ``Module.load_state_dict``; a ``GPT2LMHeadModel`` state dict's ``lm_head.weight``
         is accepted when it equals ``transformer.wte.weight`` (the tied head)."""
@@ -528,3 +579,118 @@ def _as_numpy(value: Any) -> np.ndarray | None:
     if value is not None and hasattr(value, "detach"):  # a torch tensor, read without torch
         value = value.detach().cpu().numpy()
     return None if value is None else np.asarray(value)
+
+
+# ----------------------------------------------------------------------------- decode session
+
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray | None
+            ) -> np.ndarray:
+    """softmax(q kᵀ / √d, keys where ``allowed`` (broadcast to (N, h, Tq, Tk))) v."""
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]).astype(q.dtype)
+    if allowed is not None:
+        scores = np.where(allowed, scores, -np.inf)
+    return softmax(scores) @ v
+
+
+class _GPTSession:
+    """``generate``'s decode session for a GPT (``generation.DecodeSession``): per layer a
+    preallocated key and value cache (N, h, capacity, d), N = rows (batch x beams), written in
+    place at slot t.
+
+    With left padding each row's positions count its own tokens (``cumsum(mask) - 1``) and
+    ``valid`` (N, capacity) marks the slots holding a token; a padded query attends to itself
+    alone, so that its output stays finite. A step: x = wte[token] + wpe[pos], per block
+    LN_1, the qkv product, the new k, v written at slot t, attention over slots 0..t, the
+    projection, LN_2, the MLP; LN_f and the tied head for the new position only.
+    """
+
+    def __init__(self, model: GPT, capacity: int) -> None:
+        self.config, self.capacity, self.params = model.config, capacity, model.params
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.valid: np.ndarray | None = None  # (N, capacity); None when nothing is padded
+        self.pos: np.ndarray | None = None
+        self.t = 0
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        bias = self.params.get(f"{name}.bias")
+        y = x @ self.params[f"{name}.weight"]
+        return y if bias is None else y + bias
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        return layer_norm_forward(x, self.params.get(f"{name}.weight"),
+                                  self.params.get(f"{name}.bias"),
+                                  self.config.layer_norm_epsilon)[0]
+
+    def _block(self, x: np.ndarray, i: int, attend: Any) -> np.ndarray:
+        """x + attn(LN_1(x)) + mlp(LN_2(.)) for x (N, T, E); ``attend(q, k, v)`` writes the
+        new k, v into layer i's cache and returns the attention (N, h, T, d)."""
+        N, T, E = x.shape
+        nh, prefix = self.config.n_head, f"transformer.h.{i}"
+        qkv = self._linear(self._norm(x, f"{prefix}.ln_1"), f"{prefix}.attn.c_attn")
+        q, k, v = qkv.reshape(N, T, 3, nh, E // nh).transpose(2, 0, 3, 1, 4)
+        a = attend(i, q, k, v).transpose(0, 2, 1, 3).reshape(N, T, E)
+        x = x + self._linear(a, f"{prefix}.attn.c_proj")
+        m = self._linear(self._norm(x, f"{prefix}.ln_2"), f"{prefix}.mlp.c_fc")
+        m = gelu_forward(m, approximate="tanh")[0]
+        return x + self._linear(m, f"{prefix}.mlp.c_proj")
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        return self._norm(x, "transformer.ln_f") @ self.params["transformer.wte.weight"].T
+
+    def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
+        """The prompt's forward (B, P) -> logits (B * expand, V) at its last position; the
+        caches hold its keys and values, each row repeated ``expand`` times."""
+        B, P = ids.shape
+        config, params = self.config, self.params
+        nh, d = config.n_head, config.n_embd // config.n_head
+        causal = np.tril(np.ones((P, P), dtype=bool))
+        if mask is None:
+            pos = np.broadcast_to(np.arange(P), (B, P))
+            allowed = causal
+        else:
+            pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            allowed = ((causal & mask[:, None, :]) | np.eye(P, dtype=bool))[:, None]
+            self.valid = np.ones((B * expand, self.capacity), dtype=bool)
+            self.valid[:, :P] = np.repeat(mask, expand, axis=0)
+        dtype = params["transformer.wte.weight"].dtype
+
+        def attend(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            for cache, new in ((self.keys, k), (self.values, v)):
+                full = np.empty((B * expand, nh, self.capacity, d), dtype=dtype)
+                full[:, :, :P] = np.repeat(new, expand, axis=0)
+                cache.append(full)
+            return _attend(q, k, v, allowed)
+
+        x = params["transformer.wte.weight"][ids] + params["transformer.wpe.weight"][pos]
+        for i in range(config.n_layer):
+            x = self._block(x, i, attend)
+        self.t, self.pos = P, np.repeat(pos[:, -1] + 1, expand)
+        return np.repeat(self._head(x[:, -1]), expand, axis=0)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """One token per row (N,) at slot t -> logits (N, V)."""
+        t, params = self.t, self.params
+        allowed = None if self.valid is None else self.valid[:, None, None, :t + 1]
+
+        def attend(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            self.keys[i][:, :, t:t + 1] = k
+            self.values[i][:, :, t:t + 1] = v
+            return _attend(q, self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1],
+                           allowed)
+
+        x = (params["transformer.wte.weight"][tokens]
+             + params["transformer.wpe.weight"][self.pos])[:, None]
+        for i in range(self.config.n_layer):
+            x = self._block(x, i, attend)
+        self.t, self.pos = t + 1, self.pos + 1
+        return self._head(x[:, 0])
+
+    def reorder(self, index: np.ndarray) -> None:
+        """Row i of the state becomes row ``index[i]`` (beams)."""
+        t = self.t
+        for cache in (*self.keys, *self.values):
+            cache[:, :, :t] = cache[index, :, :t]
+        self.pos = self.pos[index]
+        if self.valid is not None:
+            self.valid = self.valid[index]

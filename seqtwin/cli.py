@@ -667,12 +667,38 @@ def _inference_model(args: argparse.Namespace, task_name: str | None,
     return config, model
 
 
+def _generate_past_the_context(args: argparse.Namespace, model: Any, prompt: np.ndarray,
+                               uniforms: np.ndarray) -> np.ndarray:
+    """A GPT's text longer than its context: the step decoders on a sliding window
+    (``tasks.gpt_window_step``), the last ``block_size - 1`` prompt tokens prefilled."""
+    backend, device, n = args.backend, args.device, args.max_new_tokens
+    sq = tk.backend_module(backend)
+    with tk.no_grad(backend):
+        keep = model.config.block_size - 1
+        history = tk.to_backend(backend, prompt[None, -keep - 1:-1], device)
+        state = (model.prefill(history)[1] if history.shape[1] else model.init_state(1))
+        step, state = tk.gpt_window_step(backend, model), tk.WindowState(state, history)
+        bos = tk.to_backend(backend, prompt[-1:], device)
+        if args.greedy:
+            tokens = sq.greedy_decode(step, state, bos, n).tokens[0]
+        elif args.beams:
+            tokens = sq.beam_search(step, state, bos, n, args.beams,
+                                    select_state=sq.select_rows).tokens[0, 0]
+        else:
+            tokens = sq.sample_decode(step, state, bos, n, temperature=args.temperature,
+                                      top_k=args.top_k or None, top_p=args.top_p,
+                                      uniforms=tk.to_backend(backend, uniforms, device)
+                                      ).tokens[0]
+    return tk.to_numpy(tokens)
+
+
 def generate(args: argparse.Namespace) -> int:
     """``seqtwin generate``: prompt + max_new_tokens characters on stdout.
 
     Runs in float64 in either backend, so a checkpoint gives the same greedy and beam text in
     both; sampling draws its uniforms from ``np.random.default_rng(seed)``, the same in both.
-    A GPT slides its context window when the text outgrows it (``tasks.gpt_window_step``).
+    The model's ``generate`` continues the prompt; a GPT whose text would outgrow its
+    context slides a window instead (``tasks.gpt_window_step``).
     """
     config, model = _inference_model(args, "char-lm")
     vocab = config.get("tokenizer") or CharVocab("".join(config["vocab"]))
@@ -683,37 +709,26 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--prompt: characters {''.join(unknown)!r} are not in the "
                          f"checkpoint's vocabulary of {len(vocab)} characters")
     backend, device = args.backend, args.device
-    sq = tk.backend_module(backend)
     prompt = vocab.encode(args.prompt)
     if len(prompt) == 0:
         raise UsageError(f"--prompt: {args.prompt!r} gives no tokens")
-    context = tk.to_backend(backend, prompt[None, :-1], device)  # all but the fed last char
-    with tk.no_grad(backend):
-        if config["model"]["kind"] == "gpt":
-            keep = model.config.block_size - 1
-            history = tk.to_backend(backend, prompt[None, -keep - 1:-1], device)
-            state = (model.prefill(history)[1] if history.shape[1] else model.init_state(1))
-            step, state = tk.gpt_window_step(backend, model), tk.WindowState(state, history)
-        else:
-            state = model.init_state(1)
-            if len(prompt) > 1:
-                _, _, state = model(context, state=state)
-            step = model.step
-        bos = tk.to_backend(backend, prompt[-1:], device)
-        n = args.max_new_tokens
+    n = args.max_new_tokens
+    uniforms = np.random.default_rng(args.seed).random((1, n))
+    gpt = config["model"]["kind"] == "gpt"
+    if not gpt or len(prompt) + n - 1 <= model.config.block_size:
         if args.greedy:
-            tokens = sq.greedy_decode(step, state, bos, n).tokens[0]
+            options = {}
         elif args.beams:
-            select = (sq.select_rows if config["model"]["kind"] == "gpt"
-                      else tk.select_layer_state)
-            tokens = sq.beam_search(step, state, bos, n, args.beams,
-                                    select_state=select).tokens[0, 0]
+            options = {"num_beams": args.beams}
         else:
-            uniforms = np.random.default_rng(args.seed).random((1, n))
-            tokens = sq.sample_decode(step, state, bos, n, temperature=args.temperature,
-                                      top_k=args.top_k or None, top_p=args.top_p,
-                                      uniforms=tk.to_backend(backend, uniforms, device)
-                                      ).tokens[0]
+            options = {"do_sample": True, "temperature": args.temperature,
+                       "top_k": args.top_k or None, "top_p": args.top_p or 1.0,
+                       "uniforms": tk.to_backend(backend, uniforms, device)}
+        out = model.generate(tk.to_backend(backend, prompt[None], device), max_new_tokens=n,
+                             **options)
+        tokens = tk.to_numpy(out)[0, len(prompt):]
+    else:
+        tokens = _generate_past_the_context(args, model, prompt, uniforms)
     print(args.prompt + vocab.decode(tk.to_numpy(tokens)))
     return 0
 

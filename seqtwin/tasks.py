@@ -372,25 +372,21 @@ class TranslateTask:
 def translate(backend: str, model: Any, src_vocab: WordVocab, tgt_vocab: WordVocab,
               sentences: Sequence[str], device: str, beams: int = 1, max_len: int = 30,
               length_penalty: float = 1.0) -> list[str]:
-    """Normalised, non-empty source sentences -> target sentences with a Seq2Seq (greedy for
-    ``beams == 1``, else beam search), DECODE_BATCH sentences per decoding call."""
-    sq = backend_module(backend)
+    """Normalised, non-empty source sentences -> target sentences with a Seq2Seq's
+    ``generate`` (greedy for ``beams == 1``, else beam search), DECODE_BATCH sentences per
+    call."""
     out: list[str] = []
     model.eval()
     for i in range(0, len(sentences), DECODE_BATCH):
         chunk = sentences[i:i + DECODE_BATCH]
         src, lengths = pad_batch([src_vocab.encode(s) for s in chunk], WordVocab.PAD)
-        bos = to_backend(backend, np.full(len(chunk), WordVocab.BOS, dtype=np.int64), device)
         with no_grad(backend):
-            state = model.encode(to_backend(backend, src, device),
-                                 to_backend(backend, lengths, device))
-            if beams == 1:
-                tokens = sq.greedy_decode(model.step, state, bos, max_len,
-                                          eos_id=WordVocab.EOS).tokens
-            else:
-                tokens = sq.beam_search(model.step, state, bos, max_len, beams,
-                                        eos_id=WordVocab.EOS,
-                                        length_penalty=length_penalty).tokens[:, 0]
+            # early_stopping="never": a row stops when no live beam can beat its finished ones
+            tokens = model.generate(
+                to_backend(backend, src, device), to_backend(backend, lengths, device),
+                max_new_tokens=max_len, num_beams=beams, length_penalty=length_penalty,
+                early_stopping="never", decoder_start_token_id=WordVocab.BOS,
+                eos_token_id=WordVocab.EOS, pad_token_id=WordVocab.PAD)
         out.extend(tgt_vocab.decode(row) for row in to_numpy(tokens))
     model.train()
     return out

@@ -23,15 +23,17 @@ dict moves to and from reference's ``RNNLM`` unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import generation
 from .checks import check_float_tensor, check_int_tensor, check_positive_int, check_probability
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .gru import GRU, gru_backward, gru_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import (
@@ -352,5 +354,72 @@ class RNNLM(nn.Module):
         (logits, _, state_n), _ = rnn_lm_forward(tokens[:, None], params, self.cell, state)
         return logits[:, 0], state_n
 
+    # ------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: Tensor | None = None, generator: torch.Generator | None = None,
+                 return_dict: bool = False, **options: Any) -> Tensor | GenerateOutput:
+        """Continue the prompts ``input_ids`` (B, P) as ``transformers``' ``generate`` does;
+        arguments, options and result as ``GPT.generate`` (``generation`` module docstring).
+        A left-padded row is run from its first token (the padding never enters the state)."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        return generation.run(_RNNLMSession(self), ids, mask, config, self.vocab_size,
+                              uniforms, streamer, return_dict)
+
+    def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                        generation_config: object = None, *, uniforms: Tensor | None = None,
+                        generator: torch.Generator | None = None,
+                        **options: Any) -> Iterator[Tensor]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's tokens."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        tokens = generation.stream(_RNNLMSession(self), ids, mask, config, uniforms,
+                                   self.vocab_size)
+        return generation.no_grad_iterator(tokens)
+
+    def _generate_args(self, input_ids: object, attention_mask: object,
+                       generation_config: object, options: dict[str, Any], uniforms: object,
+                       generator: object) -> tuple:
+        return generation.prepare(
+            input_ids, attention_mask, generation_config, options,
+            vocab_size=self.vocab_size, context=None,
+            weights=((f"params[{name!r}]", w) for name, w in self.named_parameters()),
+            uniforms=uniforms, generator=generator, device=self.embedding.weight.device)
+
     def extra_repr(self) -> str:
         return f"cell={self.cell!r}, dropout={self.dropout}"
+
+
+class _RNNLMSession:
+    """``generate``'s decode session for an RNNLM (``generation.DecodeSession``): the state
+    (h,) or (h, c), each (L, N, H), and the parameters gathered once. A left-padded prompt
+    is shifted to start at t = 0 and run with its length (packed semantics), so its state is
+    that of the prompt alone; a step is one ``rnn_lm_forward`` of length 1."""
+
+    def __init__(self, model: RNNLM) -> None:
+        self.cell, self.params = model.cell, dict(model.named_parameters())
+        self.state: tuple = ()
+
+    def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
+        B, P = ids.shape
+        lengths = None
+        if mask is not None:
+            lengths = mask.sum(dim=1)
+            shift = (torch.arange(P, device=ids.device) + (P - lengths)[:, None]) % P
+            ids = ids.gather(1, shift)  # row b's tokens first, its padding after them
+        (logits, _, state), _ = rnn_lm_forward(ids, self.params, self.cell, None, lengths)
+        last = P - 1 if lengths is None else lengths - 1
+        logits = logits[torch.arange(B, device=ids.device), last]
+        self.state = tuple(s.repeat_interleave(expand, dim=1) for s in state)
+        return logits.repeat_interleave(expand, dim=0)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        (logits, _, self.state), _ = rnn_lm_forward(tokens[:, None], self.params, self.cell,
+                                                    self.state)
+        return logits[:, 0]
+
+    def reorder(self, index: Tensor) -> None:
+        self.state = tuple(s.index_select(1, index) for s in self.state)

@@ -79,14 +79,15 @@ axis 0 and the decoders can reorder it for beam search.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import generation
 from .activations import TanhCache, tanh_backward, tanh_forward
 from .checks import (
     check_dropout_masks,
@@ -98,6 +99,7 @@ from .checks import (
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .gru import GRU
 from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
 from .linear import LinearCache, linear_backward, linear_forward
@@ -673,5 +675,73 @@ class Seq2Seq(nn.Module):
                                              dict(self.named_parameters()), self.config)
         return logits[:, 0], state._replace(hidden=tuple(h.transpose(0, 1) for h in hidden))
 
+    # ------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(self, src: Tensor, src_lengths: Tensor | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: Tensor | None = None, generator: torch.Generator | None = None,
+                 return_dict: bool = False, **options: Any) -> Tensor | GenerateOutput:
+        """Generate target sequences for the sources ``src`` (B, Ts) (right-padded to
+        ``src_lengths``) as ``transformers``' encoder-decoder ``generate`` does ->
+        sequences (B * num_return_sequences, 1 + L): ``decoder_start_token_id`` (an option,
+        required: the target BOS) then the new tokens. Options and the other arguments as
+        ``GPT.generate`` (``generation`` module docstring). The encoder runs once; its memory
+        is shared by a row's beams."""
+        session, config, ids, uniforms = self._generate_args(
+            src, src_lengths, generation_config, options, uniforms, generator)
+        return generation.run(session, ids, None, config, self.config.tgt_vocab, uniforms,
+                              streamer, return_dict)
+
+    def generate_stream(self, src: Tensor, src_lengths: Tensor | None = None,
+                        generation_config: object = None, *, uniforms: Tensor | None = None,
+                        generator: torch.Generator | None = None,
+                        **options: Any) -> Iterator[Tensor]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's tokens."""
+        session, config, ids, uniforms = self._generate_args(
+            src, src_lengths, generation_config, options, uniforms, generator)
+        tokens = generation.stream(session, ids, None, config, uniforms,
+                                   self.config.tgt_vocab)
+        return generation.no_grad_iterator(tokens)
+
+    def _generate_args(self, src: object, src_lengths: object, generation_config: object,
+                       options: dict[str, Any], uniforms: object, generator: object) -> tuple:
+        src_lengths = _check_src(src, src_lengths, self.config)
+        config, ids, uniforms = generation.prepare_decoder(
+            src.shape[0], generation_config, options, vocab_size=self.config.tgt_vocab,
+            weights=((f"params[{name!r}]", w) for name, w in self.named_parameters()),
+            uniforms=uniforms, generator=generator, device=src.device)
+        return _Seq2SeqSession(self, src, src_lengths), config, ids, uniforms
+
     def extra_repr(self) -> str:
         return repr(self.config)
+
+
+class _Seq2SeqSession:
+    """``generate``'s decode session for a Seq2Seq (``generation.DecodeSession``): the
+    encoder runs once in ``start``; its memory and padding mask are repeated per beam and
+    never reordered (a row's beams share its source); the decoder state (h,) or (h, c),
+    each (L, N, Hd), is what a step updates and a reorder selects."""
+
+    def __init__(self, model: Seq2Seq, src: Tensor, src_lengths: Tensor) -> None:
+        self.config, self.params = model.config, dict(model.named_parameters())
+        self.src, self.src_lengths = src, src_lengths
+        self.memory = self.key_padding_mask = None
+        self.hidden: tuple = ()
+
+    def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
+        memory, key_padding_mask, state0, _ = _encoder_forward(
+            self.src, self.src_lengths, self.params, self.config)
+        self.memory = memory.repeat_interleave(expand, dim=0)
+        self.key_padding_mask = key_padding_mask.repeat_interleave(expand, dim=0)
+        self.hidden = tuple(s.repeat_interleave(expand, dim=1) for s in state0)
+        return self.step(ids[:, 0].repeat_interleave(expand))
+
+    def step(self, tokens: Tensor) -> Tensor:
+        logits, self.hidden, _ = _decoder_forward(tokens[:, None], self.hidden, self.memory,
+                                                  self.key_padding_mask, self.params,
+                                                  self.config)
+        return logits[:, 0]
+
+    def reorder(self, index: Tensor) -> None:
+        self.hidden = tuple(s.index_select(1, index) for s in self.hidden)

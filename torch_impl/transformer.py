@@ -34,13 +34,15 @@ new q, k, v, appends k, v to the layer's cache (B, h, t + 1, d) and lets q atten
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import generation
 from .activations import GeluCache, GeluFunction, gelu_backward, gelu_forward
 from .checks import (
     check_dropout_masks,
@@ -53,6 +55,7 @@ from .checks import (
 )
 from .dropout import DropoutCache, dropout_backward, dropout_forward, dropout_mask
 from .embedding import EmbeddingCache, embedding_backward, embedding_forward
+from .generation import GenerateOutput
 from .kernels.attention import (
     BLOCK_K,
     AttentionCache,
@@ -635,6 +638,55 @@ class GPT(nn.Module):
         return logits[:, 0], GPTState(tuple(k for k, _ in kvs), tuple(v for _, v in kvs),
                                       None, t + 1)
 
+    # ------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 generation_config: object = None, *, streamer: object = None,
+                 uniforms: Tensor | None = None, generator: torch.Generator | None = None,
+                 return_dict: bool = False, **options: Any) -> Tensor | GenerateOutput:
+        """Continue the prompts ``input_ids`` (B, P) as ``transformers``' ``generate`` does
+        (``generation`` module docstring for every option) -> sequences
+        (B * num_return_sequences, P + L) int64, or a ``GenerateOutput`` with
+        ``return_dict=True``.
+
+        ``attention_mask`` (B, P) of 0/1 marks left padding. Options come as keywords
+        (``max_new_tokens=32, num_beams=4``) or as a ``generation_config`` (seqtwin's
+        ``GenerationConfig`` or transformers'), keywords winning. Sampling draws from
+        ``uniforms`` (B * num_return_sequences, max_new_tokens) when given (the same tokens
+        as the reference's ``generate``), else from ``generator`` or the config's ``seed``.
+        ``streamer``: a callable given each step's tokens (B * num_return_sequences,), or a
+        transformers streamer (``put``/``end``). Every argument and the weights are checked
+        once per call; the steps check nothing."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        session = _GPTSession(self, ids.shape[1] + config.max_new_tokens - 1)
+        return generation.run(session, ids, mask, config, self.config.vocab_size, uniforms,
+                              streamer, return_dict)
+
+    def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                        generation_config: object = None, *, uniforms: Tensor | None = None,
+                        generator: torch.Generator | None = None,
+                        **options: Any) -> Iterator[Tensor]:
+        """``generate``'s greedy decoding or sampling as an iterator of each step's new tokens
+        (B * num_return_sequences,) int64, yielded as soon as they are chosen; a finished row
+        yields ``pad_token_id``. The arguments are checked before the first ``next``."""
+        config, ids, mask, uniforms = self._generate_args(
+            input_ids, attention_mask, generation_config, options, uniforms, generator)
+        session = _GPTSession(self, ids.shape[1] + config.max_new_tokens - 1)
+        tokens = generation.stream(session, ids, mask, config, uniforms, self.config.vocab_size)
+        return generation.no_grad_iterator(tokens)
+
+    def _generate_args(self, input_ids: object, attention_mask: object,
+                       generation_config: object, options: dict[str, Any], uniforms: object,
+                       generator: object) -> tuple:
+        weight = self.transformer.wte.weight
+        return generation.prepare(
+            input_ids, attention_mask, generation_config, options,
+            vocab_size=self.config.vocab_size, context=self.config.block_size,
+            weights=((f"params[{name!r}]", w) for name, w in self.named_parameters()),
+            uniforms=uniforms, generator=generator, device=weight.device)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
                         assign: bool = False) -> Any:
         """As ``nn.Module.load_state_dict``; a ``GPT2LMHeadModel`` state dict's
@@ -650,3 +702,109 @@ class GPT(nn.Module):
 
     def extra_repr(self) -> str:
         return str(self.config)
+
+
+# ----------------------------------------------------------------------------- decode session
+
+class _GPTSession:
+    """``generate``'s decode session for a GPT (``generation.DecodeSession``): per layer a
+    preallocated key and value cache (N, h, capacity, d), N = rows (batch x beams), written in
+    place at slot t; nothing grows and a step allocates only its activations.
+
+    With left padding each row's positions count its own tokens (``cumsum(mask) - 1``) and
+    ``valid`` (N, capacity) marks the slots holding a token; a padded query attends to itself
+    alone, so that no NaN reaches a cache slot that other rows' queries mask out.
+    A step is a straight line of ATen calls: x = wte[token] + wpe[pos], and per block
+    LN_1, the qkv GEMM, two writes into the cache, one fused attention over slots 0..t,
+    the projection, LN_2, the MLP; LN_f and the tied head for the new position only.
+    """
+
+    def __init__(self, model: GPT, capacity: int) -> None:
+        config = model.config
+        self.config, self.capacity = config, capacity
+        self.E, self.nh, self.eps = config.n_embd, config.n_head, config.layer_norm_epsilon
+        t = model.transformer
+        self.wte, self.wpe = t.wte.weight, t.wpe.weight
+        self.blocks = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                        b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight,
+                        b.mlp.c_proj.bias) for b in t.h]
+        self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.valid: Tensor | None = None  # (N, capacity) bool; None when nothing is padded
+        self.pos = self.t = None
+
+    @staticmethod
+    def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+    def _head(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x, (self.E,), self.ln_f[0], self.ln_f[1], self.eps)
+        return x @ self.wte.t()
+
+    def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
+        """The prompt's forward (B, P) -> logits (B * expand, V) at its last position; the
+        caches hold its keys and values, each row repeated ``expand`` times."""
+        B, P = ids.shape
+        E, nh, d, N = self.E, self.nh, self.E // self.nh, B * expand
+        if mask is None:
+            pos = torch.arange(P, device=ids.device).expand(B, P)
+            attend, causal = None, True
+        else:
+            pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+            causal_ = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+            eye = torch.eye(P, dtype=torch.bool, device=ids.device)
+            attend, causal = ((causal_ & mask[:, None, :]) | eye)[:, None], False
+            self.valid = torch.ones(N, self.capacity, dtype=torch.bool, device=ids.device)
+            self.valid[:, :P] = mask.repeat_interleave(expand, dim=0)
+        x = (F.embedding(ids, self.wte) + F.embedding(pos, self.wpe)).reshape(B * P, E)
+        for w in self.blocks:
+            h = F.layer_norm(x, (E,), w[0], w[1], self.eps)
+            q, k, v = self._linear(h, w[2], w[3]).reshape(B, P, 3, nh, d).permute(2, 0, 3, 1, 4)
+            cache_k = x.new_empty(N, nh, self.capacity, d)
+            cache_v = x.new_empty(N, nh, self.capacity, d)
+            cache_k.view(B, expand, nh, self.capacity, d)[:, :, :, :P] = k[:, None]
+            cache_v.view(B, expand, nh, self.capacity, d)[:, :, :, :P] = v[:, None]
+            self.keys.append(cache_k)
+            self.values.append(cache_v)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=causal)
+            x = x + self._linear(a.transpose(1, 2).reshape(B * P, E), w[4], w[5])
+            h = F.layer_norm(x, (E,), w[6], w[7], self.eps)
+            m = F.gelu(self._linear(h, w[8], w[9]), approximate="tanh")
+            x = x + self._linear(m, w[10], w[11])
+        logits = self._head(x.reshape(B, P, E)[:, -1])
+        self.t = P
+        self.pos = (pos[:, -1] + 1).repeat_interleave(expand)
+        return logits.repeat_interleave(expand, dim=0) if expand > 1 else logits
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """One token per row (N,) at slot t -> logits (N, V)."""
+        E, nh, t = self.E, self.nh, self.t
+        N, d = tokens.shape[0], E // nh
+        x = F.embedding(tokens, self.wte) + F.embedding(self.pos, self.wpe)
+        attend = None if self.valid is None else self.valid[:, None, None, :t + 1]
+        for w, cache_k, cache_v in zip(self.blocks, self.keys, self.values):
+            h = F.layer_norm(x, (E,), w[0], w[1], self.eps)
+            q, k, v = self._linear(h, w[2], w[3]).view(N, 3, nh, 1, d).unbind(1)
+            cache_k[:, :, t:t + 1] = k
+            cache_v[:, :, t:t + 1] = v
+            a = F.scaled_dot_product_attention(q, cache_k[:, :, :t + 1], cache_v[:, :, :t + 1],
+                                               attn_mask=attend)
+            x = x + self._linear(a.view(N, E), w[4], w[5])
+            h = F.layer_norm(x, (E,), w[6], w[7], self.eps)
+            m = F.gelu(self._linear(h, w[8], w[9]), approximate="tanh")
+            x = x + self._linear(m, w[10], w[11])
+        self.t = t + 1
+        self.pos = self.pos + 1
+        return self._head(x)
+
+    def reorder(self, index: Tensor) -> None:
+        """Row i of the state becomes row ``index[i]`` (beams), in place in the caches."""
+        t = self.t
+        for cache in (*self.keys, *self.values):
+            cache[:, :, :t] = cache[:, :, :t].index_select(0, index)
+        self.pos = self.pos.index_select(0, index)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
+
