@@ -64,6 +64,8 @@ from .kernels.attention import (
     attention_backward,
     attention_forward,
 )
+from .kernels.decode_attention import decode_attention_for
+from .kernels.decode_linear import decode_linear_for
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import (
     CrossEntropyCache,
@@ -677,6 +679,18 @@ class GPT(nn.Module):
         tokens = generation.stream(session, ids, mask, config, uniforms, self.config.vocab_size)
         return generation.no_grad_iterator(tokens)
 
+    def _decode_head(self) -> Tensor:
+        """The tied head as a (E, V) copy of wteᵀ, the layout a few-row product streams
+        fastest (kernels/decode_linear.py); kept while wte is unchanged (same storage and
+        version counter, which every in-place update bumps)."""
+        wte = self.transformer.wte.weight
+        key = (wte.data_ptr(), wte._version, wte.dtype, wte.device)
+        cached = getattr(self, "_decode_head_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, wte.detach().t().contiguous())
+            self._decode_head_cache = cached
+        return cached[1]
+
     def _generate_args(self, input_ids: object, attention_mask: object,
                        generation_config: object, options: dict[str, Any], uniforms: object,
                        generator: object) -> tuple:
@@ -725,11 +739,15 @@ class _GPTSession:
         self.E, self.nh, self.eps = config.n_embd, config.n_head, config.layer_norm_epsilon
         t = model.transformer
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
-        self.blocks = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-                        b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                        b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight,
-                        b.mlp.c_proj.bias) for b in t.h]
+        self.blocks = [tuple(None if w is None else w.contiguous() for w in (
+            b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+            b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+            b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+            for b in t.h]
         self.ln_f = (t.ln_f.weight, t.ln_f.bias)
+        self.head = model._decode_head()
+        self.linear = decode_linear_for(self.wte)
+        self.attend = decode_attention_for(self.wte)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.valid: Tensor | None = None  # (N, capacity) bool; None when nothing is padded
@@ -741,7 +759,7 @@ class _GPTSession:
 
     def _head(self, x: Tensor) -> Tensor:
         x = F.layer_norm(x, (self.E,), self.ln_f[0], self.ln_f[1], self.eps)
-        return x @ self.wte.t()
+        return self.linear(x, self.head, None)
 
     def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
         """The prompt's forward (B, P) -> logits (B * expand, V) at its last position; the
@@ -780,21 +798,16 @@ class _GPTSession:
 
     def step(self, tokens: Tensor) -> Tensor:
         """One token per row (N,) at slot t -> logits (N, V)."""
-        E, nh, t = self.E, self.nh, self.t
-        N, d = tokens.shape[0], E // nh
+        E, t = self.E, self.t
         x = F.embedding(tokens, self.wte) + F.embedding(self.pos, self.wpe)
-        attend = None if self.valid is None else self.valid[:, None, None, :t + 1]
+        linear, attend, valid = self.linear, self.attend, self.valid
         for w, cache_k, cache_v in zip(self.blocks, self.keys, self.values):
             h = F.layer_norm(x, (E,), w[0], w[1], self.eps)
-            q, k, v = self._linear(h, w[2], w[3]).view(N, 3, nh, 1, d).unbind(1)
-            cache_k[:, :, t:t + 1] = k
-            cache_v[:, :, t:t + 1] = v
-            a = F.scaled_dot_product_attention(q, cache_k[:, :, :t + 1], cache_v[:, :, :t + 1],
-                                               attn_mask=attend)
-            x = x + self._linear(a.view(N, E), w[4], w[5])
+            a = attend(linear(h, w[2], w[3]), cache_k, cache_v, t, valid)
+            x = x + linear(a, w[4], w[5])
             h = F.layer_norm(x, (E,), w[6], w[7], self.eps)
-            m = F.gelu(self._linear(h, w[8], w[9]), approximate="tanh")
-            x = x + self._linear(m, w[10], w[11])
+            m = F.gelu(linear(h, w[8], w[9]), approximate="tanh")
+            x = x + linear(m, w[10], w[11])
         self.t = t + 1
         self.pos = self.pos + 1
         return self._head(x)
