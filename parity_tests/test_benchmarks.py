@@ -290,3 +290,16 @@ def test_recurrent_sweep_writes_every_point_with_ratios_over_processes(tmp_path:
     assert "not run" in md
     for name in ("recurrent_sweep.png", "recurrent_sweep_ratios.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_generation_memory_benchmark_reports_the_peak_beside_the_cache(tmp_path: Path) -> None:
+    """benchmarks.bench_generation_memory at two lengths: a row per decoding and length, the
+    cache it preallocates growing with the length."""
+    from benchmarks import bench_generation_memory
+    out = tmp_path / "memory.json"
+    assert bench_generation_memory.main(["--new-tokens", "2,6", "--batch", "1",
+                                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["num_beams"], r["new_tokens"]) for r in rows] == [(1, 2), (1, 6), (4, 2), (4, 6)]
+    assert rows[1]["cache_mib"] == 3 * rows[0]["cache_mib"] > 0
+    assert all(r["peak_mib"] is None or r["peak_mib"] >= 0 for r in rows)
