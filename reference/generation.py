@@ -43,7 +43,7 @@ tokens (L = the longest; shorter rows padded with ``pad_token_id``), or with
 Where this departs from transformers: sampling never reproduces its random stream (the
 draw is an inverse CDF of our own uniforms); the repetition penalty and the n-gram ban skip
 left padding, where transformers counts the pad tokens of a padded prompt; beam search with
-sampling is not offered. ``GenerationConfig`` is pure Python and shared by both backends.
+sampling is not offered.
 """
 
 from __future__ import annotations

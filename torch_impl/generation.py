@@ -1,28 +1,26 @@
 """``generate()``: Hugging Face-style generation over a model's decode session.
 
 Twin of ``reference/generation.py`` on torch tensors, which documents the options, the decode
-session a model offers and the algorithms; ``GenerationConfig`` (pure Python) is shared with
-it. Everything here runs on the model's device under ``torch.no_grad``.
+session a model offers and the algorithms. ``GenerationConfig`` is the same dataclass in both
+backends; either backend's ``generate`` accepts either one (or transformers'). Everything
+here runs on the model's device under ``torch.no_grad``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from reference.generation import (
-    NEG,
-    GenerationConfig,
-    check_token_ids,
-    resolve_config,
-)
-
-from .checks import check_finite_tensors, check_int_tensor
+from .checks import check_finite_tensors, check_int_tensor, check_positive_int
 from .decoding import sample_tokens
+
+EARLY_STOPPING = (True, False, "never")
+NEG = -1.0e9  # transformers' score of a hypothesis that must not be chosen
 
 
 class DecodeSession(Protocol):
@@ -34,6 +32,137 @@ class DecodeSession(Protocol):
 class GenerateOutput(NamedTuple):
     sequences: Tensor                # (B * num_return_sequences, P + L) int64
     sequences_scores: Tensor | None  # beam search: (B * num_return_sequences,) float32
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite value, got {value}")
+    return float(value)
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= 0, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The options of ``generate``; validated on construction (ValueError/TypeError naming
+    the field). Field names and meanings follow ``transformers.GenerationConfig``; ``top_k``
+    None or 0 and ``top_p`` 1.0 filter nothing."""
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_token_id: int | Sequence[int] | None = None
+    pad_token_id: int | None = None
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int | None = None
+    decoder_start_token_id: int | None = None  # an encoder-decoder's first decoder input
+
+    def __post_init__(self) -> None:
+        check_positive_int("max_new_tokens", self.max_new_tokens)
+        _count("min_new_tokens", self.min_new_tokens)
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample: expected a bool, got {type(self.do_sample).__name__}")
+        temperature = _number("temperature", self.temperature)
+        if self.do_sample and not temperature > 0:
+            raise ValueError(f"temperature: expected a value > 0 with do_sample=True, "
+                             f"got {temperature}")
+        if self.top_k is not None:
+            _count("top_k", self.top_k)
+        top_p = _number("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p}")
+        beams = check_positive_int("num_beams", self.num_beams)
+        _number("length_penalty", self.length_penalty)
+        if not any(self.early_stopping is v for v in EARLY_STOPPING[:2]) \
+                and self.early_stopping != "never":
+            raise ValueError(f"early_stopping: expected True, False or 'never', "
+                             f"got {self.early_stopping!r}")
+        eos = self.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if isinstance(eos, bool) or not isinstance(ids, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise TypeError(f"eos_token_id: expected an int, a sequence of ints or None, "
+                            f"got {eos!r}")
+        if eos is not None and not ids:
+            raise ValueError("eos_token_id: expected at least one id (None for no EOS)")
+        if self.pad_token_id is not None:
+            _count("pad_token_id", self.pad_token_id)
+        returns = check_positive_int("num_return_sequences", self.num_return_sequences)
+        if beams > 1 and returns > beams:
+            raise ValueError(f"num_return_sequences: expected at most num_beams ({beams}), "
+                             f"got {returns}")
+        if beams == 1 and not self.do_sample and returns > 1:
+            raise ValueError(f"num_return_sequences: greedy decoding returns one sequence per "
+                             f"prompt, got {returns} (use num_beams or do_sample)")
+        if beams > 1 and self.do_sample:
+            raise ValueError("do_sample: beam search with sampling is not offered; use "
+                             "num_beams=1 to sample or do_sample=False for beam search")
+        penalty = _number("repetition_penalty", self.repetition_penalty)
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty: expected a value > 0, got {penalty}")
+        _count("no_repeat_ngram_size", self.no_repeat_ngram_size)
+        if self.decoder_start_token_id is not None:
+            _count("decoder_start_token_id", self.decoder_start_token_id)
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int)):
+            raise TypeError(f"seed: expected an int or None, got {type(self.seed).__name__}")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+    @property
+    def pad_id(self) -> int | None:
+        """What fills a finished row: pad_token_id, else EOS's first id, else None."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_ids[0] if self.eos_ids else None
+
+    @classmethod
+    def from_transformers(cls, config: Any, **overrides: Any) -> GenerationConfig:
+        """The fields of a ``transformers.GenerationConfig`` (or any object with those
+        attributes) that this config has; ``max_length`` is not read (give
+        ``max_new_tokens``). ``overrides`` win."""
+        values = {}
+        for f in fields(cls):
+            if hasattr(config, f.name) and getattr(config, f.name) is not None:
+                values[f.name] = getattr(config, f.name)
+        if values.get("top_k") == 0:
+            values["top_k"] = None
+        return cls(**{**values, **overrides})
+
+
+def resolve_config(config: object, options: dict[str, Any]) -> GenerationConfig:
+    """``config`` (ours, transformers', or None) with keyword ``options`` applied over it."""
+    names = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"generate: unknown option(s) {', '.join(unknown)}; expected some of "
+                        f"{', '.join(sorted(names))}")
+    if config is None:
+        return GenerationConfig(**options)
+    if isinstance(config, GenerationConfig):
+        return replace(config, **options)
+    if type(config).__name__ == "GenerationConfig":
+        return GenerationConfig.from_transformers(config, **options)
+    raise TypeError(f"generation_config: expected a GenerationConfig (seqtwin's or "
+                    f"transformers'), got {type(config).__name__}")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -79,6 +208,17 @@ def check_prompt(input_ids: object, attention_mask: object, vocab_size: int,
         raise ValueError(f"attention_mask: row {row} has padding after a token; expected "
                          f"left padding (zeros, then ones)")
     return ids, None if bool(mask.all()) else mask
+
+
+def check_token_ids(config: GenerationConfig, vocab_size: int) -> None:
+    for name, ids in (("eos_token_id", config.eos_ids),
+                      ("pad_token_id", () if config.pad_token_id is None
+                       else (config.pad_token_id,)),
+                      ("decoder_start_token_id", () if config.decoder_start_token_id is None
+                       else (config.decoder_start_token_id,))):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"{name}: expected token ids in [0, {vocab_size}), got {bad[0]}")
 
 
 def draw_uniforms(config: GenerationConfig, rows: int, uniforms: object,
