@@ -13,7 +13,7 @@
 // t + 1 scores in a small buffer, the dot products and the weighted sum of values vectorised
 // over d with at::vec::Vectorized (a scalar loop for d's tail). Replaces, per layer and step,
 // the split of qkv, two strided cache writes and a flash-attention call built for long
-// queries (on this project's CPU those cost 40-60% of a batch-8 decode step).
+// queries (on this project's CPU those took about half of a batch-8 decode step).
 // float32 and float64; the sums run in j order, so the result does not depend on threads.
 //
 // Inputs are trusted: qkv (N, 3E) contiguous, caches (N, heads, C, d) contiguous with
