@@ -23,8 +23,14 @@ PROCESSES = 2  # timing processes in these tests (3 by default)
 LADDERS = {  # suite -> implementations every workload of it must have
     "layers": {"reference", "torch_impl"},
     "models": {"reference", "torch_impl"},
-    "generation": {"reference", "torch_impl", "transformers generate"},
+    "generation": {"reference", "torch_impl"},
     "scaling": {"reference", "torch_impl"},
+}
+OUTSIDE_ANCHORS = {  # generation workload prefix -> the outside implementation it is timed against
+    "rnnlm greedy": "torch.nn decode loop",
+    "rnnlm": None,
+    "seq2seq": None,
+    "": "transformers generate",  # the GPT rows
 }
 
 
@@ -52,6 +58,10 @@ def test_every_suite_writes_rows_with_every_figure(report: tuple[Path, dict]) ->
         for workload in {r["workload"] for r in rows if r["suite"] == suite}:
             impls = {r["impl"] for r in rows if r["workload"] == workload}
             assert ladder <= impls, f"{workload}: {sorted(impls)}"
+            if suite == "generation":
+                outside = next(impl for prefix, impl in OUTSIDE_ANCHORS.items()
+                               if workload.startswith(prefix))
+                assert outside is None or outside in impls, f"{workload}: {sorted(impls)}"
     assert payload["meta"]["peaks"]["gemm_torch_float32"] > 0
     assert payload["meta"]["threads"] == 1 and payload["meta"]["processes"] == PROCESSES
 
@@ -89,6 +99,8 @@ def test_targets_are_reported_as_met_or_missed(report: tuple[Path, dict]) -> Non
     assert ("lstm forward+backward", "reference", "float64") in labels
     assert ("GPT training step", "torch_impl", "float32") in labels
     assert ("beam 4 kv cache", "torch_impl", "float32") in labels
+    assert ("rnnlm greedy", "torch_impl", "float32") in labels
+    assert ("seq2seq beam 4", "torch_impl", "float32") in labels
     assert all(r["target"].split(": ")[1].startswith(("met", "missed")) for r in targets)
     assert all(f"over {PROCESSES} processes" in r["target"] for r in targets)
 

@@ -568,3 +568,78 @@ def test_seq2seq_generate_needs_the_decoder_start_token(backend) -> None:
         model.generate(wrap(src), wrap(lengths), decoder_start_token_id=VOCAB)
     with pytest.raises(ValueError, match="src_lengths"):
         model.generate(wrap(src), wrap(lengths + 3), decoder_start_token_id=1)
+
+
+# ----------------------------------------------------------------------------- decode steps
+
+def teacher_forced_steps(backend: str, kind: str, model, inputs: np.ndarray,
+                         extra: np.ndarray | None, tokens: np.ndarray) -> np.ndarray:
+    """The logits (B, T, V) of ``generate``'s decode session fed ``tokens`` (B, T) one at a
+    time: the prompt's first token (RNNLM) or the decoder start (Seq2Seq) starts it."""
+    wrap = (lambda a: a) if backend == "reference" else torch.from_numpy
+    if kind == "rnnlm":
+        module = reference.language_model if backend == "reference" else \
+            torch_impl.language_model
+        session = module._RNNLMSession(model)
+    else:
+        module = reference.seq2seq if backend == "reference" else torch_impl.seq2seq
+        session = module._Seq2SeqSession(model, wrap(inputs), wrap(extra))
+    with torch.no_grad():
+        logits = [session.start(wrap(tokens[:, :1]), None, 1)]
+        logits += [session.step(wrap(tokens[:, t])) for t in range(1, tokens.shape[1])]
+    return np.stack([to_numpy(a) for a in logits], axis=1)
+
+
+@BACKENDS
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+def test_rnnlm_decode_steps_equal_the_full_forward(backend, cell) -> None:
+    model = recurrent_models("rnnlm", cell)[backend]
+    ids, _ = prompts((6, 6, 6), seed=21)
+    wrap = (lambda a: a) if backend == "reference" else torch.from_numpy
+    with torch.no_grad():
+        expected = to_numpy(model(wrap(ids))[0])
+    actual = teacher_forced_steps(backend, "rnnlm", model, ids, None, ids)
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@BACKENDS
+@pytest.mark.parametrize("attention", [None, "dot", "general", "concat", "bahdanau"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_seq2seq_decode_steps_equal_the_teacher_forced_forward(backend, attention, cell
+                                                              ) -> None:
+    """Every attention score (with its memory side computed once) and each cell, two
+    layers, a bidirectional encoder and sources of unequal lengths (masked keys)."""
+    config = dict(src_vocab=9, tgt_vocab=VOCAB, embed_size=5, hidden_size=3, num_layers=2,
+                  cell=cell, bidirectional=True, attention=attention)
+    torch.manual_seed(22)
+    twin = torch_impl.Seq2Seq(torch_impl.Seq2SeqConfig(**config), dtype=torch.float64)
+    if backend == "reference":
+        model = reference.Seq2Seq(reference.Seq2SeqConfig(**config))
+        model.load_state_dict(twin.state_dict())
+    else:
+        model = twin.eval()
+    src, lengths = sources(seed=23)
+    tgt = np.random.default_rng(24).integers(1, VOCAB, (3, 6))
+    wrap = (lambda a: a) if backend == "reference" else torch.from_numpy
+    with torch.no_grad():
+        expected = to_numpy(model(wrap(src), wrap(lengths), wrap(tgt))[0])
+    actual = teacher_forced_steps(backend, "seq2seq", model, src, lengths, tgt)
+    np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["rnnlm", "seq2seq"])
+def test_generate_reads_weights_changed_in_place_since_the_last_call(kind) -> None:
+    """torch_impl keeps a decode layout of the weights between calls; an in-place update
+    (an optimizer step) must be seen by the next generate."""
+    models_ = recurrent_models(kind, "lstm")
+    inputs, extra = prompts((3, 3, 3), seed=25) if kind == "rnnlm" else sources(seed=25)
+    twin = models_["torch_impl"]
+    generate_any("torch_impl", kind, twin, inputs, extra)   # builds the layout
+    torch.manual_seed(26)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(2.0 * torch.randn_like(p))
+    models_["reference"].load_state_dict(twin.state_dict())
+    expected, _ = generate_any("reference", kind, models_["reference"], inputs, extra)
+    actual, _ = generate_any("torch_impl", kind, twin, inputs, extra)
+    np.testing.assert_array_equal(actual, expected)

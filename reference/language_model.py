@@ -35,7 +35,7 @@ from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_forward
 from .module import Module
-from .recurrent import StackCache
+from .recurrent import DecodeStack, StackCache
 from .rnn import RNN, rnn_backward, rnn_forward
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -369,11 +369,14 @@ class RNNLM(Module):
 class _RNNLMSession:
     """``generate``'s decode session for an RNNLM (``generation.DecodeSession``): the state
     (h,) or (h, c), each (L, N, H). A left-padded prompt is shifted to start at t = 0 and run
-    with its length, so its state is that of the prompt alone; a step is one
-    ``rnn_lm_forward`` of length 1."""
+    with its length through ``rnn_lm_forward``, so its state is that of the prompt alone; a
+    step is a straight line of ops (``recurrent.DecodeStack`` and the head), validated once
+    per call."""
 
     def __init__(self, model: RNNLM) -> None:
         self.cell, self.params = model.cell, model.params
+        self.stack = DecodeStack(self.cell, {k[4:]: v for k, v in self.params.items()
+                                             if k.startswith("rnn.")}, model.num_layers)
         self.state: tuple = ()
 
     def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
@@ -389,9 +392,9 @@ class _RNNLMSession:
         return np.repeat(logits[np.arange(B), last], expand, axis=0)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        (logits, _, self.state), _ = rnn_lm_forward(tokens[:, None], self.params, self.cell,
-                                                    self.state)
-        return logits[:, 0]
+        p = self.params
+        h, self.state = self.stack(p["embedding.weight"][tokens], self.state)
+        return h @ p["head.weight"].T + p["head.bias"]
 
     def reorder(self, index: np.ndarray) -> None:
         self.state = tuple(s[:, index] for s in self.state)

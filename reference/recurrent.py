@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .activations import sigmoid
 from .checks import (
     check_float_array,
     check_lengths,
@@ -438,3 +439,53 @@ class RecurrentModule(Module):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class DecodeStack:
+    """One time step of a unidirectional stack for decoding, ``(x (N, I), state) ->
+    (h of the top layer (N, H), state')``, state (h,) or (h, c) of (L, N, H) arrays;
+    per layer k, the equations of the layers' forward (rnn.py, lstm.py, gru.py) at one step:
+
+        RNN:   h' = act(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh)
+        LSTM:  [i f g o] = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh,  c' = σ(f) c + σ(i) tanh(g),
+               h' = σ(o) tanh(c')
+        GRU:   [r z n]_x = x W_ihᵀ + b_ih,  [r z n]_h = h W_hhᵀ + b_hh,  r = σ(r_x + r_h),
+               z = σ(z_x + z_h),  n = tanh(n_x + r n_h),  h' = (1 - z) n + z h
+
+    Nothing is validated: a decode session builds it from the model's checked parameters
+    (torch.nn names) and calls it with activations it made itself.
+    """
+
+    def __init__(self, cell: str, params: dict, num_layers: int) -> None:
+        self.cell = cell
+        self.layers = [tuple(params.get(f"{name}_l{k}") for name in
+                             ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                       for k in range(num_layers)]
+
+    def __call__(self, x: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        hs, cs = [], []
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.layers):
+            h = state[0][k]
+            gx, gh = x @ w_ih.T, h @ w_hh.T
+            if b_ih is not None:
+                gx, gh = gx + b_ih, gh + b_hh
+            H = h.shape[1]
+            if self.cell == "gru":
+                r = sigmoid(gx[:, :H] + gh[:, :H])
+                z = sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+                n = np.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+                x = (1.0 - z) * n + z * h
+            elif self.cell == "lstm":
+                a = gx + gh
+                c = (sigmoid(a[:, H:2 * H]) * state[1][k]
+                     + sigmoid(a[:, :H]) * np.tanh(a[:, 2 * H:3 * H]))
+                x = sigmoid(a[:, 3 * H:]) * np.tanh(c)
+                cs.append(c)
+            else:
+                a = gx + gh
+                x = np.tanh(a) if self.cell == "rnn_tanh" else np.maximum(a, 0.0)
+            hs.append(x)
+        h_n = np.stack(hs)
+        return x, ((h_n, np.stack(cs)) if self.cell == "lstm" else (h_n,))

@@ -83,7 +83,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import numpy as np
 
 from . import generation
-from .activations import TanhCache, tanh_backward, tanh_forward
+from .activations import TanhCache, softmax, tanh_backward, tanh_forward
 from .checks import (
     check_dropout_masks,
     check_float_array,
@@ -101,7 +101,7 @@ from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM
 from .module import Module
-from .recurrent import StackCache
+from .recurrent import DecodeStack, StackCache
 from .rnn_attention import (
     LUONG_SCORES,
     AdditiveAttention,
@@ -693,29 +693,67 @@ class Seq2Seq(Module):
 
 class _Seq2SeqSession:
     """``generate``'s decode session for a Seq2Seq (``generation.DecodeSession``): the
-    encoder runs once in ``start``; its memory and padding mask are repeated per beam and
-    never reordered (a row's beams share its source); the decoder state (h,) or (h, c),
-    each (L, N, Hd), is what a step updates and a reorder selects."""
+    encoder runs once in ``start``, and with it the memory's side of the attention score
+    (Luong "general": k_j = W_a m_j; "concat" and Bahdanau: W_k m_j (+ b)); memory, keys and
+    the padding mask are repeated per beam and never reordered (a row's beams share its
+    source). The decoder state (h,) or (h, c), each (L, N, Hd), is what a step updates and
+    a reorder selects. A step is a straight line of ops (``recurrent.DecodeStack``): the
+    equations of ``_decoder_forward`` for one token, validated once per call."""
 
     def __init__(self, model: Seq2Seq, src: np.ndarray, src_lengths: np.ndarray) -> None:
         self.config, self.params = model.config, model.params
         self.src, self.src_lengths = src, src_lengths
-        self.memory = self.key_padding_mask = None
+        self.stack = DecodeStack(model.config.cell, _sub(self.params, "decoder.rnn."),
+                                 model.config.num_layers)
+        self.attention = _sub(self.params, "decoder.attention.")
+        self.memory = self.keys = self.additive_mask = None
         self.hidden: tuple = ()
 
     def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
         memory, key_padding_mask, state0, _ = _encoder_forward(
             self.src, self.src_lengths, self.params, self.config)
+        score, p = self.config.attention, self.attention
+        keys = memory                                           # "dot": k_j = m_j
+        if score == "general":
+            keys = memory @ p["weight"].T                       # k_j = W_a m_j   (B, Ts, Dq)
+        elif score == "concat":
+            keys = memory @ p["concat.weight"][:, self.config.decoder_size:].T     # W_cm m_j
+        elif score == "bahdanau":
+            keys = memory @ p["key_proj.weight"].T + p["key_proj.bias"]           # W_k m_j + b
         self.memory = np.repeat(memory, expand, axis=0)
-        self.key_padding_mask = np.repeat(key_padding_mask, expand, axis=0)
+        self.keys = np.repeat(keys, expand, axis=0)
+        # 0 on a row's keys, -inf on its padding: softmax gives the masked keys exact zeros
+        # (every source has a key: lengths >= 1)
+        self.additive_mask = np.repeat(np.where(key_padding_mask, -np.inf, 0.0).astype(
+            memory.dtype), expand, axis=0)
         self.hidden = tuple(np.repeat(s, expand, axis=1) for s in state0)
         return self.step(np.repeat(ids[:, 0], expand))
 
+    def _context(self, query: np.ndarray) -> np.ndarray:
+        """c = softmax_j(e_j) m for the query (N, Dq) -> (N, Dm)."""
+        score, p = self.config.attention, self.attention
+        if score in ("dot", "general"):
+            scores = np.einsum("nd,ntd->nt", query, self.keys)                  # q · k_j
+        else:
+            w_q = (p["concat.weight"][:, :self.config.decoder_size] if score == "concat"
+                   else p["query_proj.weight"])
+            scores = np.tanh((query @ w_q.T)[:, None, :] + self.keys) @ p["energy.weight"][0]
+        weights = softmax(scores + self.additive_mask, axis=-1)
+        return np.einsum("nt,ntd->nd", weights, self.memory)
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        logits, self.hidden, _ = _decoder_forward(tokens[:, None], self.hidden, self.memory,
-                                                  self.key_padding_mask, self.params,
-                                                  self.config)
-        return logits[:, 0]
+        p, attention = self.params, self.config.attention
+        x = p["decoder.embedding.weight"][tokens]
+        context = None
+        if attention == "bahdanau":
+            context = self._context(self.hidden[0][-1])    # q_t = top layer's h of s_{t-1}
+            x = np.concatenate([x, context], axis=1)
+        h, self.hidden = self.stack(x, self.hidden)
+        if attention is not None:
+            if context is None:
+                context = self._context(h)
+            h = np.tanh(np.concatenate([context, h], axis=1) @ p["decoder.combine.weight"].T)
+        return h @ p["decoder.head.weight"].T + p["decoder.head.bias"]
 
     def reorder(self, index: np.ndarray) -> None:
         self.hidden = tuple(s[:, index] for s in self.hidden)

@@ -530,3 +530,19 @@ def no_grad_iterator(tokens: Iterator[Tensor]) -> Iterator[Tensor]:
             except StopIteration:
                 return
         yield value
+
+
+def decode_layout(owner: object, name: str, weights: Sequence[Tensor],
+                  build: Callable[[], Any]) -> Any:
+    """``build()`` (a decode session's copy of ``weights`` in the layout its steps read,
+    e.g. transposed for few-row products), kept on ``owner`` under ``name`` while every one
+    of ``weights`` is unchanged: the same storage and version counter, which every in-place
+    update bumps. The copy is as large as the weights it lays out; it saves their
+    re-layout (about one decode step of memory traffic) at every generate call."""
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    cache = owner.__dict__.setdefault("_decode_layouts", {})
+    entry = cache.get(name)
+    if entry is None or entry[0] != key:
+        cache.pop(name, None)  # the old copy is freed before the new one is built
+        entry = cache[name] = (key, build())
+    return entry[1]

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import generation
@@ -43,7 +44,7 @@ from .loss import (
     cross_entropy_forward,
 )
 from .lstm import LSTM, lstm_backward, lstm_forward
-from .recurrent import RecurrentCache
+from .recurrent import DecodeStack, RecurrentCache
 from .rnn import RNN, rnn_backward, rnn_forward
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -395,12 +396,20 @@ class RNNLM(nn.Module):
 
 class _RNNLMSession:
     """``generate``'s decode session for an RNNLM (``generation.DecodeSession``): the state
-    (h,) or (h, c), each (L, N, H), and the parameters gathered once. A left-padded prompt
-    is shifted to start at t = 0 and run with its length (packed semantics), so its state is
-    that of the prompt alone; a step is one ``rnn_lm_forward`` of length 1."""
+    (h,) or (h, c), each (L, N, H). A left-padded prompt is shifted to start at t = 0 and
+    run with its length (packed semantics) through ``rnn_lm_forward``, so its state is that
+    of the prompt alone; a step is a straight line of ops over weights laid out once
+    (``recurrent.DecodeStack`` and the head as a (H, V) copy), validated once per call."""
 
     def __init__(self, model: RNNLM) -> None:
         self.cell, self.params = model.cell, dict(model.named_parameters())
+        weights = list(self.params.values())
+        self.stack, self.head = generation.decode_layout(model, "rnnlm", weights, lambda: (
+            DecodeStack(self.cell, {k[4:]: v for k, v in self.params.items()
+                                    if k.startswith("rnn.")}, model.num_layers),
+            self.params["head.weight"].detach().t().contiguous()))
+        self.embedding = self.params["embedding.weight"].detach()
+        self.head_bias = self.params["head.bias"].detach()
         self.state: tuple = ()
 
     def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
@@ -417,9 +426,8 @@ class _RNNLMSession:
         return logits.repeat_interleave(expand, dim=0)
 
     def step(self, tokens: Tensor) -> Tensor:
-        (logits, _, self.state), _ = rnn_lm_forward(tokens[:, None], self.params, self.cell,
-                                                    self.state)
-        return logits[:, 0]
+        h, self.state = self.stack(F.embedding(tokens, self.embedding), self.state)
+        return self.stack.linear(h, self.head, self.head_bias)
 
     def reorder(self, index: Tensor) -> None:
         self.state = tuple(s.index_select(1, index) for s in self.state)

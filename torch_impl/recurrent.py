@@ -726,3 +726,68 @@ class RecurrentModule(nn.Module):
         if self.bidirectional:
             text += ", bidirectional=True"
         return text
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class DecodeStack:
+    """One time step of a unidirectional stack for decoding, ``(x (N, I), state) ->
+    (h of the top layer (N, H), state')``, state (h,) or (h, c) of (L, N, H) tensors.
+
+    A straight line of ops with the weights laid out once for few-row products
+    (kernels/decode_linear.py streams each weight once per step): per layer ``k``
+
+        RNN:   h' = act([x; h] W_kᵀ + b_ih + b_hh)            W_k = [W_ih | W_hh]
+        LSTM:  [i f g o] = [x; h] W_kᵀ + b_ih + b_hh,  c' = σ(f) c + σ(i) tanh(g),
+               h' = σ(o) tanh(c')
+        GRU:   [r z n]_x = x W_ihᵀ + b_ih,  [r z n]_h = h W_hhᵀ + b_hh,  r = σ(r_x + r_h),
+               z = σ(z_x + z_h),  n = tanh(n_x + r n_h),  h' = (1 - z) n + z h
+
+    the equations of the layers' forward (rnn.py, lstm.py, gru.py) for one step, with the
+    sums in another order (equal within rounding). Nothing is validated: a decode session
+    builds it from the model's checked parameters (torch.nn names) and calls it with
+    activations it made itself.
+    """
+
+    def __init__(self, cell: str, params: Mapping[str, Tensor], num_layers: int) -> None:
+        from .kernels.decode_linear import decode_linear_for
+
+        self.cell, self.num_layers = cell, num_layers
+        self.linear = decode_linear_for(params["weight_hh_l0"])
+        self.layers = []
+        for k in range(num_layers):
+            w_ih, w_hh = (params[f"weight_{w}_l{k}"].detach() for w in ("ih", "hh"))
+            b_ih, b_hh = (params.get(f"bias_{w}_l{k}") for w in ("ih", "hh"))
+            b_ih = None if b_ih is None else b_ih.detach().contiguous()
+            b_hh = None if b_hh is None else b_hh.detach().contiguous()
+            if cell == "gru":
+                self.layers.append((w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh))
+            else:
+                bias = None if b_ih is None else (b_ih + b_hh).contiguous()
+                self.layers.append((torch.cat([w_ih, w_hh], dim=1).t().contiguous(), bias))
+
+    def __call__(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple]:
+        linear, cell = self.linear, self.cell
+        hs, cs = [], []
+        for k, w in enumerate(self.layers):
+            h = state[0][k]
+            if cell == "gru":
+                gx, gh = linear(x, w[0], w[1]), linear(h, w[2], w[3])
+                H = h.shape[1]
+                rz = torch.sigmoid(gx[:, :2 * H] + gh[:, :2 * H])
+                r, z = rz[:, :H], rz[:, H:]
+                n = torch.tanh(torch.addcmul(gx[:, 2 * H:], r, gh[:, 2 * H:]))
+                x = torch.lerp(n, h, z)                       # (1 - z) n + z h
+            else:
+                a = linear(torch.cat([x, h], dim=1), w[0], w[1])
+                if cell == "lstm":
+                    i, f, g, o = a.chunk(4, dim=1)
+                    c = torch.addcmul(torch.sigmoid(f) * state[1][k], torch.sigmoid(i),
+                                      torch.tanh(g))
+                    x = torch.sigmoid(o) * torch.tanh(c)
+                    cs.append(c)
+                else:
+                    x = torch.tanh(a) if cell == "rnn_tanh" else torch.relu(a)
+            hs.append(x)
+        h_n = torch.stack(hs)
+        return x, ((h_n, torch.stack(cs)) if cell == "lstm" else (h_n,))

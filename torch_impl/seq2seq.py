@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -105,7 +106,7 @@ from .language_model import _check_ids, _recurrent_backward, _recurrent_forward
 from .linear import LinearCache, linear_backward, linear_forward
 from .loss import CrossEntropyCache, cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM
-from .recurrent import RecurrentCache
+from .recurrent import DecodeStack, RecurrentCache
 from .rnn_attention import (
     LUONG_SCORES,
     AdditiveAttention,
@@ -719,29 +720,88 @@ class Seq2Seq(nn.Module):
 
 class _Seq2SeqSession:
     """``generate``'s decode session for a Seq2Seq (``generation.DecodeSession``): the
-    encoder runs once in ``start``; its memory and padding mask are repeated per beam and
-    never reordered (a row's beams share its source); the decoder state (h,) or (h, c),
-    each (L, N, Hd), is what a step updates and a reorder selects."""
+    encoder runs once in ``start``, and with it the memory's side of the attention score
+    (Luong "general": k_j = W_a m_j; "concat" and Bahdanau: W_k m_j (+ b)); memory, keys and
+    the padding mask are repeated per beam and never reordered (a row's beams share its
+    source). The decoder state (h,) or (h, c), each (L, N, Hd), is what a step updates and
+    a reorder selects. A step is a straight line of ops over weights laid out once
+    (``recurrent.DecodeStack``; the head, W_c and W_q transposed for few-row products): the
+    equations of ``_decoder_forward`` for one token, validated once per call."""
 
     def __init__(self, model: Seq2Seq, src: Tensor, src_lengths: Tensor) -> None:
         self.config, self.params = model.config, dict(model.named_parameters())
         self.src, self.src_lengths = src, src_lengths
-        self.memory = self.key_padding_mask = None
+        self.layout = generation.decode_layout(
+            model, "seq2seq", list(self.params.values()), self._layout)
+        self.linear = self.layout["stack"].linear
+        self.memory = self.keys = self.additive_mask = None
         self.hidden: tuple = ()
+
+    def _layout(self) -> dict[str, Any]:
+        config, p = self.config, {k: v.detach() for k, v in self.params.items()}
+        attention = _sub(p, "decoder.attention.")
+        layout = {"stack": DecodeStack(config.cell, _sub(p, "decoder.rnn."), config.num_layers),
+                  "embedding": p["decoder.embedding.weight"],
+                  "head": p["decoder.head.weight"].t().contiguous(),
+                  "head_bias": p["decoder.head.bias"]}
+        if config.attention is not None:
+            layout["combine"] = p["decoder.combine.weight"].t().contiguous()
+        if config.attention == "concat":
+            Dq = config.decoder_size
+            w_c = attention["concat.weight"]
+            layout.update(w_q=w_c[:, :Dq].t().contiguous(), w_k=w_c[:, Dq:], b_k=None,
+                          v=attention["energy.weight"][0])
+        elif config.attention == "bahdanau":
+            layout.update(w_q=attention["query_proj.weight"].t().contiguous(),
+                          w_k=attention["key_proj.weight"], b_k=attention["key_proj.bias"],
+                          v=attention["energy.weight"][0])
+        elif config.attention == "general":
+            layout["w_a"] = attention["weight"]
+        return layout
 
     def start(self, ids: Tensor, mask: Tensor | None, expand: int) -> Tensor:
         memory, key_padding_mask, state0, _ = _encoder_forward(
             self.src, self.src_lengths, self.params, self.config)
+        layout, score = self.layout, self.config.attention
+        keys = memory                                       # "dot": k_j = m_j
+        if score == "general":
+            keys = memory @ layout["w_a"].t()               # k_j = W_a m_j   (B, Ts, Dq)
+        elif score in ("concat", "bahdanau"):
+            keys = F.linear(memory, layout["w_k"], layout["b_k"])  # W_k m_j (+ b)  (B, Ts, A)
         self.memory = memory.repeat_interleave(expand, dim=0)
-        self.key_padding_mask = key_padding_mask.repeat_interleave(expand, dim=0)
+        self.keys = keys.repeat_interleave(expand, dim=0)
+        # 0 on a row's keys, -inf on its padding: softmax gives the masked keys exact zeros
+        # (every source has a key: lengths >= 1)
+        self.additive_mask = torch.zeros(key_padding_mask.shape, dtype=memory.dtype,
+                                         device=memory.device).masked_fill(
+            key_padding_mask, float("-inf")).repeat_interleave(expand, dim=0)
         self.hidden = tuple(s.repeat_interleave(expand, dim=1) for s in state0)
         return self.step(ids[:, 0].repeat_interleave(expand))
 
+    def _context(self, query: Tensor) -> Tensor:
+        """c = softmax_j(e_j) m for the query (N, Dq) -> (N, Dm)."""
+        layout = self.layout
+        if self.config.attention in ("dot", "general"):
+            scores = torch.bmm(self.keys, query[:, :, None])[:, :, 0]          # q · k_j
+        else:
+            qw = self.linear(query, layout["w_q"], None)                        # W_q q
+            scores = torch.tanh(qw[:, None, :] + self.keys) @ layout["v"]       # vᵀ tanh(.)
+        weights = torch.softmax(scores + self.additive_mask, dim=-1)
+        return torch.bmm(weights[:, None, :], self.memory)[:, 0]
+
     def step(self, tokens: Tensor) -> Tensor:
-        logits, self.hidden, _ = _decoder_forward(tokens[:, None], self.hidden, self.memory,
-                                                  self.key_padding_mask, self.params,
-                                                  self.config)
-        return logits[:, 0]
+        layout, attention = self.layout, self.config.attention
+        x = F.embedding(tokens, layout["embedding"])
+        context = None
+        if attention == "bahdanau":
+            context = self._context(self.hidden[0][-1])    # q_t = top layer's h of s_{t-1}
+            x = torch.cat([x, context], dim=1)
+        h, self.hidden = layout["stack"](x, self.hidden)
+        if attention is not None:
+            if context is None:
+                context = self._context(h)
+            h = torch.tanh(self.linear(torch.cat([context, h], dim=1), layout["combine"], None))
+        return self.linear(h, layout["head"], layout["head_bias"])
 
     def reorder(self, index: Tensor) -> None:
         self.hidden = tuple(s.index_select(1, index) for s in self.hidden)
