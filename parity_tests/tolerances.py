@@ -44,6 +44,11 @@ FLOAT32_GRADIENT_FLOOR = 1e-3
 # norm 1e-4 the bound is 1e-10 x 1e-4 = 1e-14 absolute: ~6x the largest difference seen and
 # ~100 roundings of an O(1) term.
 FLOAT64_GRADIENT_FLOOR = 1e-4
+# A gradient that is exactly zero in exact arithmetic (a parameter the output does not depend
+# on: the query side of an attention over a single key, where softmax is 1 whatever the query,
+# e.g. a pre-LN decoder layer's norm2 over a one-token source) is, in float32, the rounding
+# residue of O(1) terms that cancel: 1.37e-7 seen. 1e-6 absolute bounds it at ~8 float32 eps.
+FLOAT32_ZERO_GRADIENT = 1e-6
 
 # A recurrent step's new state is a sum that can cancel (c_t = f c_{t-1} + i g in the LSTM,
 # h_t = (1 - z) n + z h_{t-1} in the GRU): float32's error is then ~6e-8 x κ relative, κ the

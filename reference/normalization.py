@@ -10,15 +10,18 @@ Backward, from dy (summing over every leading index n for the parameters):
     dw = Σ_n dy_n ⊙ x̂_n         db = Σ_n dy_n
     dx̂ = dy ⊙ w
     dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the last axis)
+
+``LayerNorm`` is the torch.nn.LayerNorm twin (an int normalized_shape) over that pair.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .checks import check_float_array, shape_str
+from .module import Module
 
 
 class LayerNormCache(NamedTuple):
@@ -73,3 +76,82 @@ def layer_norm_backward(dy: np.ndarray, cache: LayerNormCache
     dx = rstd * (dx_hat - dx_hat.mean(axis=-1, keepdims=True)
                  - x_hat * (dx_hat * x_hat).mean(axis=-1, keepdims=True))
     return dx.astype(x_hat.dtype, copy=False), dweight, dbias
+
+
+def check_factory_kwargs(device: Any, dtype: Any) -> np.dtype:
+    """The dtype of a module built with torch.nn's ``device=`` / ``dtype=`` keywords: the
+    reference runs on the CPU (device None or "cpu") in float32 or float64 (None: float64)."""
+    if device is not None and str(device) != "cpu":
+        raise ValueError(f"device: the NumPy reference runs on the CPU only (None or 'cpu'), "
+                         f"got {device!r}")
+    try:
+        resolved = np.dtype(np.float64 if dtype is None else dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in (np.float32, np.float64):
+        raise TypeError(f"dtype: expected numpy float32 or float64 (or None: float64), "
+                        f"got {dtype!r}")
+    return resolved
+
+
+class LayerNorm(Module):
+    """``torch.nn.LayerNorm`` over the last axis, D = normalized_shape, with ``backward``.
+
+    LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, device=None,
+    dtype=None): parameters ``weight`` (D,) (init 1) and ``bias`` (D,) (init 0) under
+    torch.nn's names; ``elementwise_affine=False`` has neither, ``bias=False`` no bias.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, *, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, (tuple, list)) and len(normalized_shape) == 1:
+            normalized_shape = normalized_shape[0]  # torch's one-axis form, (D,)
+        if isinstance(normalized_shape, bool) or not isinstance(normalized_shape,
+                                                                (int, np.integer)):
+            raise TypeError(f"normalized_shape: expected an int D (the last axis), "
+                            f"got {normalized_shape!r}")
+        if normalized_shape < 1:
+            raise ValueError(f"normalized_shape: expected a positive int, got {normalized_shape}")
+        for name, flag in (("elementwise_affine", elementwise_affine), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        D = int(normalized_shape)
+        self.normalized_shape = (D,)
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = elementwise_affine
+        self.dtype = check_factory_kwargs(device, dtype)
+        if elementwise_affine:
+            self.params["weight"] = np.ones(D, self.dtype)
+            if bias:
+                self.params["bias"] = np.zeros(D, self.dtype)
+        self.zero_grad()
+        self._cache: LayerNormCache | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """y (..., D) for x (..., D)."""
+        width = self.normalized_shape[0]
+        check_float_array("x", x, dtype=self.dtype)
+        if x.ndim < 1 or x.shape[-1] != width:
+            raise ValueError(f"x: expected shape (..., {width}) (normalized_shape), "
+                             f"got {shape_str(x.shape)}")
+        y, self._cache = layer_norm_forward(x, self.params.get("weight"), self.params.get("bias"),
+                                            self.eps)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Fills ``self.grads``; returns dx."""
+        if self._cache is None:
+            raise RuntimeError("backward: call forward first (the cache of the last forward "
+                               "is used once)")
+        cache, self._cache = self._cache, None
+        dx, dweight, dbias = layer_norm_backward(dy, cache)
+        self.grads = {name: g for name, g in (("weight", dweight), ("bias", dbias))
+                      if g is not None}
+        return dx
+
+    def __repr__(self) -> str:
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine})")

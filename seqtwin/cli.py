@@ -3,8 +3,11 @@
     seqtwin train --task char-lm --model lstm --data tinyshakespeare --out runs/lstm
     seqtwin train --task char-lm --model gpt --out runs/gpt --init-from runs/pretrained
     seqtwin train --task translate --model gru --attention bahdanau --data eng-fra --out runs/mt
+    seqtwin train --task translate --model transformer --embed 256 --heads 4 --out runs/tmt
+    seqtwin train --task summarize --model transformer --data bbc-news.jsonl --out runs/sum
     seqtwin generate --checkpoint runs/lstm --prompt "ROMEO:" --backend numpy
     seqtwin translate --checkpoint runs/mt --text "I am cold." --beams 4
+    seqtwin summarize --checkpoint runs/sum < article.txt
     seqtwin eval --checkpoint runs/mt
 
 ``--backend numpy|torch`` picks ``reference`` or ``torch_impl``, imported lazily. Checkpoints
@@ -46,19 +49,25 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import (
+    BBC_NEWS_SUMMARY,
     ENG_FRA,
+    SUMMARY_TARGETS,
     TINY_SHAKESPEARE,
     CharVocab,
-    WordVocab,
+    SubwordVocab,
     load_char_corpus,
+    load_summaries,
     load_translation_pairs,
     normalize_sentence,
     resolve_corpus,
+    vocab_from_metadata,
 )
 
-TASKS = ("char-lm", "translate")
-CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA}
-DEFAULT_DATA = {"char-lm": "tinyshakespeare", "translate": "eng-fra"}
+TASKS = ("char-lm", "translate", "summarize")
+CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA,
+           "bbc-news": BBC_NEWS_SUMMARY}
+DEFAULT_DATA = {"char-lm": "tinyshakespeare", "translate": "eng-fra", "summarize": "bbc-news"}
+TRANSFORMER_MIN_POSITIONS = 64  # a translation Transformer's positions: this or the data's
 CLIP_NORM = 1.0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -127,14 +136,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(train)
     train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     train.add_argument("--model", default="lstm",
-                       help=f"char-lm: one of {', '.join(tk.CHAR_LM_MODELS)}; translate: "
-                            f"{' or '.join(tk.TRANSLATE_MODELS)} (default lstm)")
+                       help=f"char-lm: one of {', '.join(tk.CHAR_LM_MODELS)}; translate and "
+                            f"summarize: {', '.join(tk.TRANSLATE_MODELS)} (default lstm)")
     train.add_argument("--embed", type=_int_at_least(1), default=64,
-                       help="embedding size (GPT: the width n_embd)")
+                       help="embedding size (GPT: the width n_embd; transformer: d_model)")
     train.add_argument("--hidden", type=_int_at_least(1), default=128,
                        help="recurrent hidden size (translate: per encoder direction)")
     train.add_argument("--layers", type=_int_at_least(1), default=1)
-    train.add_argument("--heads", type=_int_at_least(1), default=4, help="GPT attention heads")
+    train.add_argument("--heads", type=_int_at_least(1), default=4,
+                       help="attention heads (gpt, transformer)")
+    train.add_argument("--ffn", type=_int_at_least(1), default=None,
+                       help="transformer: feed-forward size (default 4 x --embed)")
+    train.add_argument("--norm-first", action="store_true",
+                       help="transformer: pre-LN layers (default post-LN, as torch.nn)")
+    train.add_argument("--positions", choices=["sinusoidal", "learned"], default="sinusoidal",
+                       help="transformer: position encoding")
+    train.add_argument("--vocab", choices=["word", "bpe", "unigram"], default="word",
+                       help="translate, summarize: word vocabularies, or subword pieces "
+                            "learned on the training split (tokenizers), saved with the "
+                            "checkpoint")
+    train.add_argument("--vocab-size", type=_int_at_least(8), default=8000,
+                       help="--vocab bpe/unigram: pieces per side, specials included")
+    train.add_argument("--target", choices=SUMMARY_TARGETS, default="title",
+                       help="summarize: generate the headline (title) or the extractive "
+                            "summary")
+    train.add_argument("--max-source-len", type=_int_at_least(1), default=400,
+                       help="summarize: articles keep their first this many words")
     train.add_argument("--dropout", type=_float_in(0.0, 0.99), default=None,
                        help="dropout rate (default 0; with --init-from: the checkpoint's)")
     train.add_argument("--block", type=_int_at_least(1), default=64,
@@ -198,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--beams", type=_int_at_least(1), default=4,
                           help="translate: beams for the BLEU decode (1: greedy)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON line")
+
+    summarize = commands.add_parser("summarize", help="summarize articles with a checkpoint")
+    summarize.add_argument("--checkpoint", required=True, help="a directory written by train")
+    _add_runtime(summarize)
+    summarize.add_argument("--text", action="append", default=None,
+                           help="an article (repeatable); default: all of stdin, one article")
+    summarize.add_argument("--beams", type=_int_at_least(1), default=4, help="1: greedy")
+    summarize.add_argument("--max-len", type=_int_at_least(1), default=None,
+                           help="most generated words (default: the checkpoint's)")
     return parser
 
 
@@ -209,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse printed its message; hand the code back
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     commands = {"train": train, "generate": generate, "translate": translate,
-                "eval": evaluate}
+                "eval": evaluate, "summarize": summarize}
     try:
         _set_threads(args.backend, args.threads)
         return commands[args.command](args)
@@ -349,8 +385,20 @@ def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str
                 "hidden_size": args.hidden, "num_layers": args.layers, "cell": args.model,
                 "dropout": args.dropout or 0.0}
     if args.model not in tk.TRANSLATE_MODELS:
-        raise UsageError(f"--model: the translate task takes one of "
+        raise UsageError(f"--model: the {task} task takes one of "
                          f"{', '.join(tk.TRANSLATE_MODELS)}, got {args.model!r}")
+    if args.model == "transformer":
+        if args.embed % args.heads:
+            raise UsageError(f"--heads: expected a divisor of --embed {args.embed}, "
+                             f"got {args.heads}")
+        if args.teacher_forcing < 1.0:
+            raise UsageError("--teacher-forcing: the transformer trains with full teacher "
+                             "forcing (all target positions in one pass); expected 1.0")
+        return {"kind": "transformer", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
+                "d_model": args.embed, "nhead": args.heads, "num_encoder_layers": args.layers,
+                "num_decoder_layers": args.layers, "dim_feedforward": args.ffn or 4 * args.embed,
+                "dropout": args.dropout or 0.0, "norm_first": args.norm_first,
+                "max_len": vocab["positions"], "positions": args.positions}
     return {"kind": "seq2seq", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
             "embed_size": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
             "cell": args.model, "bidirectional": args.bidirectional,
@@ -373,21 +421,49 @@ def _make_task(name: str, data: str, settings: dict[str, Any],
                                  settings["block"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pairs = load_translation_pairs(path, max_len=settings.get("max_len"))
+            if name == "summarize":
+                pairs = load_summaries(path, settings["target"], settings["max_source_len"])
+            else:
+                pairs = load_translation_pairs(path, max_len=settings.get("max_len"))
         for warning in caught:  # malformed lines: reported, skipped, never fatal
             print(f"note: {warning.message}", file=sys.stderr)
         src_vocab, tgt_vocab = pairs.src_vocab, pairs.tgt_vocab
         if metadata is not None:
-            src_vocab = WordVocab.from_itos(metadata["src_vocab"])
-            tgt_vocab = WordVocab.from_itos(metadata["tgt_vocab"])
+            src_vocab = vocab_from_metadata(metadata["src_vocab"])
+            tgt_vocab = vocab_from_metadata(metadata["tgt_vocab"])
+        elif args is not None and args.vocab != "word":
+            # subword pieces learned from the training split only, one tokenizer per side
+            src_vocab = SubwordVocab.train([a for a, _ in pairs.train_pairs], args.vocab_size,
+                                           args.vocab)
+            tgt_vocab = SubwordVocab.train([b for _, b in pairs.train_pairs], args.vocab_size,
+                                           args.vocab)
         if model_config is None:
+            longest = max(max(len(src_vocab.encode(a)), len(tgt_vocab.encode(b)) + 1)
+                          for a, b in pairs.train_pairs + pairs.val_pairs)
             model_config = _model_config_from_args(
-                args, name, {"src": len(src_vocab), "tgt": len(tgt_vocab)})
+                args, name, {"src": len(src_vocab), "tgt": len(tgt_vocab),
+                             "positions": max(longest, TRANSFORMER_MIN_POSITIONS)})
+        if name == "summarize":
+            if args is not None and pairs.truncated:  # training: say what the data lost
+                print(f"note: {pairs.truncated} of "
+                      f"{len(pairs.train_pairs) + len(pairs.val_pairs)} articles cut to their "
+                      f"first {pairs.max_source_len} words (--max-source-len)", file=sys.stderr)
+            return tk.SummarizeTask(src_vocab, tgt_vocab, pairs.train_pairs, pairs.val_pairs,
+                                    model_config, settings["batch"], settings["target"],
+                                    settings["max_source_len"])
         return tk.TranslateTask(src_vocab, tgt_vocab, pairs.train_pairs, pairs.val_pairs,
                                 model_config, settings["batch"],
-                                settings.get("teacher_forcing", 1.0))
+                                settings.get("teacher_forcing", 1.0),
+                                max_decode_len=_decode_limit(model_config))
     except ValueError as err:  # a data/size mismatch the task found
         raise UsageError(f"--data: {err}") from None
+
+
+def _decode_limit(model_config: dict[str, Any], wanted: int = 30) -> int:
+    """Most words a translation decodes: ``wanted``, within a Transformer's positions."""
+    if model_config.get("kind") == "transformer":
+        return min(wanted, model_config["max_len"])
+    return wanted
 
 
 def _is_hf_gpt2(directory: Path) -> bool:
@@ -478,7 +554,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "batch": args.batch, "block": args.block, "seed": args.seed,
             "weight_decay": args.weight_decay, "clip_norm": CLIP_NORM,
             "teacher_forcing": args.teacher_forcing, "max_len": args.max_len,
-            "freeze_embeddings": args.freeze_embeddings}
+            "freeze_embeddings": args.freeze_embeddings, "target": args.target,
+            "max_source_len": args.max_source_len}
 
 
 def train(args: argparse.Namespace) -> int:
@@ -740,10 +817,39 @@ def translate(args: argparse.Namespace) -> int:
     sentences = [normalize_sentence(line) for line in lines if line.strip()]
     if not sentences:
         raise UsageError("--text: expected at least one non-empty sentence (or lines on stdin)")
-    src_vocab = WordVocab.from_itos(config["src_vocab"])
-    tgt_vocab = WordVocab.from_itos(config["tgt_vocab"])
+    src_vocab = vocab_from_metadata(config["src_vocab"])
+    tgt_vocab = vocab_from_metadata(config["tgt_vocab"])
+    _check_source_lengths(config, src_vocab, sentences, "--text")
     for line in tk.translate(args.backend, model, src_vocab, tgt_vocab, sentences,
-                             args.device, args.beams, args.max_len):
+                             args.device, args.beams, _decode_limit(config["model"],
+                                                                    args.max_len)):
+        print(line)
+    return 0
+
+
+def _check_source_lengths(config: dict[str, Any], vocab: Any, sentences: list[str],
+                          argument: str) -> None:
+    limit = config["model"].get("max_len") if config["model"]["kind"] == "transformer" else None
+    for i, sentence in enumerate(sentences):
+        if limit is not None and len(vocab.encode(sentence)) > limit:
+            raise UsageError(f"{argument}: input {i + 1} has {len(sentence.split())} words; "
+                             f"the model's positions end at {limit}")
+
+
+def summarize(args: argparse.Namespace) -> int:
+    """``seqtwin summarize``: one summary (or headline) per article on stdout."""
+    config, model = _inference_model(args, "summarize")
+    texts = args.text if args.text is not None else [sys.stdin.read()]
+    limit = config["train"]["max_source_len"]
+    articles = [" ".join(normalize_sentence(t).split()[:limit]) for t in texts if t.strip()]
+    if not articles:
+        raise UsageError("--text: expected at least one non-empty article (or text on stdin)")
+    src_vocab = vocab_from_metadata(config["src_vocab"])
+    tgt_vocab = vocab_from_metadata(config["tgt_vocab"])
+    _check_source_lengths(config, src_vocab, articles, "--text")
+    max_len = _decode_limit(config["model"], args.max_len or config["max_decode_len"])
+    for line in tk.translate(args.backend, model, src_vocab, tgt_vocab, articles, args.device,
+                             args.beams, max_len):
         print(line)
     return 0
 
@@ -766,7 +872,11 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"step {result['step']}: val loss {result['val_loss']:.4f} {task.unit} "
               f"(perplexity {result['val_perplexity']:.2f})"
               + (f", BLEU {result['val_bleu']:.2f} ({result['val_bleu_multi']:.2f} against "
-                 f"every reference; {args.beams} beams)" if "val_bleu" in result else ""))
+                 f"every reference; {args.beams} beams)" if "val_bleu" in result else "")
+              + (f", ROUGE-1/2/L {result['val_rouge1']:.1f}/{result['val_rouge2']:.1f}/"
+                 f"{result['val_rougeL']:.1f} (lead baseline {result['lead_rouge1']:.1f}/"
+                 f"{result['lead_rouge2']:.1f}/{result['lead_rougeL']:.1f}; {args.beams} "
+                 f"beams)" if "val_rouge1" in result else ""))
     return 0
 
 

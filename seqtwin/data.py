@@ -6,6 +6,7 @@ Two corpora (see ``../shared/data/README.md``):
   (nanoGPT's ``get_batch``).
 - eng-fra sentence pairs, word level: ``normalize_sentence``, ``WordVocab``,
   ``load_translation_pairs``, ``pad_batch``, ``translation_batches``.
+- BBC News summaries (JSONL), word level: ``load_summaries`` (article -> title or summary).
 
 ``resolve_corpus`` finds a corpus file: a local path as is, or a download into a
 checksummed cache. torch_impl callers wrap the arrays with ``torch.from_numpy``.
@@ -14,6 +15,7 @@ checksummed cache. torch_impl callers wrap the arrays with ``torch.from_numpy``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -51,6 +53,14 @@ ENG_FRA = CorpusFile(
     file_name="eng-fra.txt",
     url="https://www.manythings.org/anki/fra-eng.zip",
     sha256="83c52c40b50fc3e2c8fdaeda0e71b9beee889547b745822b7574dc88ad4f9b76",
+)
+
+# Kaggle's "BBC News Summary" is a zip of per-article text files; the JSONL in shared/data is
+# built from it (see its README), so the sha256 is the JSONL's and the url where it comes from.
+BBC_NEWS_SUMMARY = CorpusFile(
+    file_name="bbc-news-summary.jsonl",
+    url="https://www.kaggle.com/datasets/pariza/bbc-news-summary",
+    sha256="b0f15e3f3b2bd473c5902df912de95b8f43213e288efb7264713efddc1b33388",
 )
 
 DEFAULT_CACHE_DIR = Path("~/.cache/seqtwin")
@@ -259,6 +269,9 @@ class WordVocab:
     def __len__(self) -> int:
         return len(self.itos)
 
+    def to_metadata(self) -> list[str]:
+        return list(self.itos)
+
     def encode(self, sentence: str) -> np.ndarray:
         """``(n_words,)`` int64 ids of a normalised sentence; unknown words are ``UNK``."""
         return np.array([self.stoi.get(w, self.UNK) for w in sentence.split()], dtype=np.int64)
@@ -280,6 +293,102 @@ class WordVocab:
             if i not in (self.PAD, self.BOS):
                 words.append(self.itos[i])
         return " ".join(words)
+
+
+class SubwordVocab:
+    """A subword vocabulary (BPE or unigram, trained with Hugging Face ``tokenizers``) used
+    where a ``WordVocab`` is: the same ``PAD=0, BOS=1, EOS=2, UNK=3`` and then the learned
+    pieces. Normalised sentences are split on spaces first (a ``▁`` marks a word start), so
+    decoding gives back the space-separated words. Saved in a checkpoint as the tokenizer's
+    JSON (``to_metadata``)."""
+
+    PAD, BOS, EOS, UNK = WordVocab.PAD, WordVocab.BOS, WordVocab.EOS, WordVocab.UNK
+    SPECIALS = WordVocab.SPECIALS
+    KINDS = ("bpe", "unigram")
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in self.SPECIALS]
+        if ids != [self.PAD, self.BOS, self.EOS, self.UNK]:
+            raise ValueError(f"tokenizer: expected the special tokens {list(self.SPECIALS)} at "
+                             f"ids 0..3, got ids {ids}")
+
+    @staticmethod
+    def _tokenizers() -> object:
+        try:
+            import tokenizers
+        except ImportError:  # pragma: no cover - the cli extra installs it
+            raise ImportError("subword vocabularies need tokenizers: "
+                              "pip install 'seqtwin[cli]'") from None
+        return tokenizers
+
+    @classmethod
+    def train(cls, sentences: Sequence[str], vocab_size: int, kind: str = "bpe"
+              ) -> "SubwordVocab":
+        """Learn ``vocab_size`` pieces (specials included) from normalised sentences."""
+        if kind not in cls.KINDS:
+            raise ValueError(f"kind: expected 'bpe' or 'unigram', got {kind!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+                or vocab_size <= len(cls.SPECIALS):
+            raise ValueError(f"vocab_size: expected an int > {len(cls.SPECIALS)}, "
+                             f"got {vocab_size!r}")
+        tk = cls._tokenizers()
+        specials = list(cls.SPECIALS)
+        if kind == "bpe":
+            tokenizer = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
+            trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                             show_progress=False)
+        else:
+            tokenizer = tk.Tokenizer(tk.models.Unigram())
+            trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                 unk_token="<unk>", show_progress=False)
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+        tokenizer.decoder = tk.decoders.Metaspace()
+        tokenizer.train_from_iterator(list(sentences), trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "SubwordVocab":
+        try:
+            return cls(cls._tokenizers().Tokenizer.from_str(metadata["tokenizer"]))
+        except Exception as err:  # a missing key, or JSON that tokenizers refuses
+            raise ValueError(f"a subword vocabulary's metadata does not load: {err}") from None
+
+    def to_metadata(self) -> dict:
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def __len__(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, sentence: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(sentence).ids, dtype=np.int64)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The words: PAD and BOS dropped, stops at the first EOS, unknown pieces dropped."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"ids: expected a 1-D sequence of integers, got shape {ids.shape} "
+                             f"dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = int(ids[(ids < 0) | (ids >= len(self))][0])
+            raise ValueError(f"ids: values must be in 0..{len(self) - 1}, got {bad}")
+        kept = []
+        for i in ids.tolist():
+            if i == self.EOS:
+                break
+            kept.append(i)
+        return " ".join(self.tokenizer.decode(kept).split())
+
+
+def vocab_from_metadata(value: object) -> WordVocab | SubwordVocab:
+    """The vocabulary a checkpoint saved: a word list (``WordVocab.itos``) or a subword
+    tokenizer (``SubwordVocab.to_metadata``)."""
+    if isinstance(value, dict):
+        return SubwordVocab.from_metadata(value)
+    if isinstance(value, list) and all(isinstance(w, str) for w in value):
+        return WordVocab.from_itos(value)
+    raise ValueError(f"vocabulary: expected a list of words or a tokenizer object, "
+                     f"got {type(value).__name__}")
 
 
 class TranslationData(NamedTuple):
@@ -425,3 +534,104 @@ def translation_batches(pairs: Sequence[tuple[str, str]], src_vocab: WordVocab,
                                         WordVocab.PAD)
         tgt_out, _ = pad_batch([np.r_[y, WordVocab.EOS] for y in targets], WordVocab.PAD)
         yield TranslationBatch(src_ids, src_lengths, tgt_in, tgt_out, tgt_lengths)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+SUMMARY_TARGETS = ("title", "summary")
+SUMMARY_FIELDS = ("article",) + SUMMARY_TARGETS
+
+
+class SummaryData(NamedTuple):
+    """BBC News articles and their targets, normalised (``normalize_sentence``):
+    ``(article, target)`` strings per example, the article cut to ``max_source_len`` words.
+
+    ``truncated`` counts the loaded articles (train and validation) that were cut;
+    ``skipped`` lists ``(line_number, reason)`` for each line not loaded (1-based).
+    """
+
+    src_vocab: WordVocab
+    tgt_vocab: WordVocab
+    train_pairs: list[tuple[str, str]]
+    val_pairs: list[tuple[str, str]]
+    skipped: list[tuple[int, str]]
+    truncated: int
+    max_source_len: int
+
+
+def _parse_summary_line(line: str, target: str) -> tuple[tuple[str, str] | None, str | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not JSON ({err.msg} at column {err.colno})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    for field in ("article", target):
+        if not isinstance(record.get(field), str):
+            got = "missing" if field not in record else type(record[field]).__name__
+            return None, f"field {field!r}: expected a string, got {got}"
+    article, wanted = normalize_sentence(record["article"]), normalize_sentence(record[target])
+    if not article or not wanted:
+        return None, f"empty {'article' if not article else target}"
+    return (article, wanted), None
+
+
+def load_summaries(path: str | os.PathLike, target: str = "title", max_source_len: int = 400,
+                   val_fraction: float = 0.1, seed: int = 0,
+                   min_count: int = 2) -> SummaryData:
+    """Read the BBC News JSONL (one object a line with ``article``, ``title``, ``summary``):
+    ``article`` -> ``target`` (``"title"``, headline generation, or ``"summary"``, the
+    extractive summary), normalised, split train / validation.
+
+    Lines that are not JSON objects or lack a string field are skipped and listed in
+    ``skipped`` with one ``warnings.warn`` summary; blank lines are ignored. Articles longer
+    than ``max_source_len`` words keep their first ``max_source_len`` (``truncated`` counts
+    them). The validation examples are the first ``N - int(N * (1 - val_fraction))`` of a
+    permutation drawn from ``np.random.default_rng(seed)`` (the same on every call). The
+    vocabularies are built from the training examples only (words seen ``min_count`` times;
+    the others read as ``<unk>``).
+    """
+    if target not in SUMMARY_TARGETS:
+        raise ValueError(f"target: expected 'title' or 'summary', got {target!r}")
+    if isinstance(max_source_len, bool) or not isinstance(max_source_len, int) \
+            or max_source_len < 1:
+        raise ValueError(f"max_source_len: expected an int >= 1, got {max_source_len!r}")
+    _check_fraction("val_fraction", val_fraction)
+    file = resolve_corpus(path)
+    examples: list[tuple[str, str]] = []
+    skipped: list[tuple[int, str]] = []
+    truncated = 0
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            example, reason = _parse_summary_line(line, target)
+            if example is None:
+                skipped.append((number, reason))
+                continue
+            words = example[0].split()
+            if len(words) > max_source_len:
+                truncated += 1
+                example = (" ".join(words[:max_source_len]), example[1])
+            examples.append(example)
+    if skipped:
+        first = "; ".join(f"line {n}: {reason}" for n, reason in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"{file.name}: skipped {len(skipped)} malformed line(s): {first}{more}",
+                      stacklevel=2)
+    if not examples:
+        raise ValueError(f"path: {file.name} holds no usable example (every line was blank "
+                         f"or malformed)")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = len(examples) - int(len(examples) * (1.0 - val_fraction))
+    val_pairs = [examples[i] for i in order[:n_val]]
+    train_pairs = [examples[i] for i in order[n_val:]]
+    src_vocab = WordVocab([a for a, _ in train_pairs], min_count)
+    tgt_vocab = WordVocab([t for _, t in train_pairs], min_count)
+    return SummaryData(src_vocab, tgt_vocab, train_pairs, val_pairs, skipped, truncated,
+                       max_source_len)
+
+
+def lead_baseline(article: str, words: int) -> str:
+    """The first ``words`` words of a normalised article: the lead baseline of summarisation."""
+    return " ".join(article.split()[:words])

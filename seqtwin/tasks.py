@@ -3,8 +3,12 @@
 - ``CharLMTask`` ("char-lm"): a character-level language model on a text file (Tiny
   Shakespeare by default), model ``rnn_tanh``/``rnn_relu``/``lstm``/``gru`` (``RNNLM``) or
   ``gpt`` (``GPT``); validation loss in nats/char.
-- ``TranslateTask`` ("translate"): a ``Seq2Seq`` encoder-decoder with attention on a TSV of
-  sentence pairs (eng-fra by default); validation loss in nats/word and sacrebleu BLEU.
+- ``TranslateTask`` ("translate"): a ``Seq2Seq`` encoder-decoder with attention or a
+  ``TransformerSeq2Seq`` on a TSV of sentence pairs (eng-fra by default); validation loss in
+  nats/word and sacrebleu BLEU.
+- ``SummarizeTask`` ("summarize"): the same models on the BBC News JSONL, article -> headline
+  (default) or extractive summary; validation loss and ROUGE-1/2/L F1 (``rouge-score``,
+  stemming on) beside the lead baseline.
 
 A task owns its data and vocabulary and knows how to build its model in either backend
 (``build_model``), draw the global training batch of a step (``train_batch``, a pure function
@@ -21,11 +25,11 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from .data import CharVocab, WordVocab, char_batches, pad_batch
+from .data import CharVocab, WordVocab, char_batches, lead_baseline, pad_batch
 
 RNN_MODELS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 CHAR_LM_MODELS = RNN_MODELS + ("gpt",)
-TRANSLATE_MODELS = ("lstm", "gru")
+TRANSLATE_MODELS = ("lstm", "gru", "transformer")
 ATTENTIONS = ("none", "dot", "general", "concat", "bahdanau")
 EVAL_BATCHES = 8        # validation batches of a periodic char-lm evaluation during training
 DECODE_BATCH = 256      # sentences per decoding call
@@ -84,7 +88,10 @@ def build_model(backend: str, model_config: Mapping[str, Any], dtype: str, devic
         return sq.GPT(sq.GPTConfig(**sizes), **factory)
     if kind == "seq2seq":
         return sq.Seq2Seq(sq.Seq2SeqConfig(**sizes), **factory)
-    raise ValueError(f"model_config['kind']: expected 'rnn', 'gpt' or 'seq2seq', got {kind!r}")
+    if kind == "transformer":
+        return sq.TransformerSeq2Seq(sq.TransformerSeq2SeqConfig(**sizes), **factory)
+    raise ValueError(f"model_config['kind']: expected 'rnn', 'gpt', 'seq2seq' or "
+                     f"'transformer', got {kind!r}")
 
 
 def parameters(backend: str, model: Any) -> dict[str, Any]:
@@ -119,6 +126,8 @@ def embedding_names(model_config: Mapping[str, Any]) -> list[str]:
         return ["embedding.weight"]
     if kind == "gpt":
         return ["transformer.wte.weight", "transformer.wpe.weight"]
+    if kind == "transformer":
+        return ["src_embedding.weight", "tgt_embedding.weight"]
     return ["encoder.embedding.weight", "decoder.embedding.weight"]
 
 
@@ -301,7 +310,8 @@ class TranslateTask:
     unit = "nats/word"
 
     def metadata(self) -> dict[str, Any]:
-        return {"src_vocab": self.src_vocab.itos, "tgt_vocab": self.tgt_vocab.itos}
+        return {"src_vocab": self.src_vocab.to_metadata(),
+                "tgt_vocab": self.tgt_vocab.to_metadata()}
 
     def _arrays(self, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
         src, src_lengths = pad_batch([self.src_vocab.encode(s) for s, _ in pairs],
@@ -390,6 +400,77 @@ def translate(backend: str, model: Any, src_vocab: WordVocab, tgt_vocab: WordVoc
         out.extend(tgt_vocab.decode(row) for row in to_numpy(tokens))
     model.train()
     return out
+
+
+class SummarizeTask(TranslateTask):
+    """Summarisation with a Seq2Seq or TransformerSeq2Seq: article -> headline or summary,
+    cross-entropy over target words (and EOS), and ROUGE of decoded validation targets
+    against their references, beside the lead baseline (the article's first N words, N the
+    median training target length)."""
+
+    name = "summarize"
+
+    def __init__(self, src_vocab: WordVocab, tgt_vocab: WordVocab,
+                 train_pairs: Sequence[tuple[str, str]], val_pairs: Sequence[tuple[str, str]],
+                 model_config: Mapping[str, Any], batch_size: int, target: str,
+                 max_source_len: int, max_decode_len: int | None = None) -> None:
+        lengths = [len(t.split()) for _, t in train_pairs]
+        median = int(np.median(lengths)) if lengths else 1
+        if max_decode_len is None:  # room for long references, bounded by the positions
+            max_decode_len = int(np.percentile(lengths, 99)) + 1 if lengths else 16
+            if model_config.get("kind") == "transformer":
+                max_decode_len = min(max_decode_len, model_config["max_len"])
+        super().__init__(src_vocab, tgt_vocab, train_pairs, val_pairs, model_config,
+                         batch_size, max_decode_len=max_decode_len)
+        self.target, self.max_source_len, self.lead_words = target, max_source_len, median
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "target": self.target,
+                "max_decode_len": self.max_decode_len}
+
+    def lead(self) -> dict[str, float]:
+        """ROUGE of the lead baseline on the validation articles."""
+        return rouge([lead_baseline(a, self.lead_words) for a, _ in self.val_pairs],
+                     [t for _, t in self.val_pairs])
+
+    def evaluate(self, backend: str, model: Any, device: str, beams: int = 1,
+                 full: bool = True, **_: Any) -> dict[str, float]:
+        """{"val_loss": nats/word, "val_rouge1"/"val_rouge2"/"val_rougeL": F1 x 100, and the
+        lead baseline's "lead_rouge*"}."""
+        model.eval()
+        total, count = 0.0, 0
+        with no_grad(backend):
+            for i in range(0, len(self.val_pairs), DECODE_BATCH):
+                arrays = self._arrays(self.val_pairs[i:i + DECODE_BATCH])
+                n = self.count(arrays)
+                loss = self.loss(backend, model, {k: to_backend(backend, v, device)
+                                                  for k, v in arrays.items()})
+                total += float(loss) * n
+                count += n
+        hypotheses = self.translate(backend, model, [a for a, _ in self.val_pairs], device,
+                                    beams)
+        model.train()
+        scores = rouge(hypotheses, [t for _, t in self.val_pairs])
+        return {"val_loss": total / count, **{f"val_{k}": v for k, v in scores.items()},
+                **{f"lead_{k}": v for k, v in self.lead().items()}}
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (x 100) of normalised texts, ``rouge-score`` with
+    Porter stemming; an empty hypothesis scores 0."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:  # pragma: no cover - the cli extra installs it
+        raise ImportError("ROUGE needs rouge-score: pip install 'seqtwin[cli]'") from None
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"hypotheses, references: expected equal non-zero counts, got "
+                         f"{len(hypotheses)} and {len(references)}")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hypothesis, reference in zip(hypotheses, references):
+        for name, score in scorer.score(reference, hypothesis).items():
+            totals[name] += score.fmeasure
+    return {name: 100.0 * total / len(references) for name, total in totals.items()}
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:

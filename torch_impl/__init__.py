@@ -47,6 +47,25 @@ from .decoding import (
 )
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import embedding_backward, embedding_forward
+from .encoder_decoder import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    transformer_backward,
+    transformer_decoder_backward,
+    transformer_decoder_forward,
+    transformer_decoder_layer_backward,
+    transformer_decoder_layer_forward,
+    transformer_dropout_mask_shapes,
+    transformer_encoder_backward,
+    transformer_encoder_forward,
+    transformer_encoder_layer_backward,
+    transformer_encoder_layer_forward,
+    transformer_forward,
+    transformer_param_shapes,
+)
 from .generation import GenerateOutput, GenerationConfig
 from .gpt2 import load_gpt2, save_gpt2
 from .gradcheck import gradcheck, numerical_gradients
@@ -55,7 +74,7 @@ from .language_model import RNNLM, rnn_lm_backward, rnn_lm_forward
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .lstm import LSTM, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward
-from .normalization import layer_norm_backward, layer_norm_forward
+from .normalization import LayerNorm, layer_norm_backward, layer_norm_forward
 from .optim import SGD, Adam, AdamW, clip_grad_norm, cosine_schedule
 from .rnn import RNN, rnn_backward, rnn_cell_backward, rnn_cell_forward, rnn_forward
 from .rnn_attention import (
@@ -81,6 +100,14 @@ from .transformer import (
     gpt_dropout_masks,
     gpt_forward,
     gpt_param_shapes,
+)
+from .transformer_seq2seq import (
+    TransformerSeq2Seq,
+    TransformerSeq2SeqConfig,
+    transformer_seq2seq_backward,
+    transformer_seq2seq_dropout_mask_shapes,
+    transformer_seq2seq_forward,
+    transformer_seq2seq_param_shapes,
 )
 
 # Torch-only extras (documented; no NumPy twin): the autograd entry point of the hand-written
@@ -135,6 +162,7 @@ __all__ = [
     # attention and normalization
     "layer_norm_forward",
     "layer_norm_backward",
+    "LayerNorm",
     "scaled_dot_product_attention_forward",
     "scaled_dot_product_attention_backward",
     "multi_head_attention_forward",
@@ -146,6 +174,24 @@ __all__ = [
     "luong_attention_forward",
     "luong_attention_backward",
     "LuongAttention",
+    # encoder-decoder Transformer
+    "transformer_encoder_layer_forward",
+    "transformer_encoder_layer_backward",
+    "transformer_decoder_layer_forward",
+    "transformer_decoder_layer_backward",
+    "transformer_encoder_forward",
+    "transformer_encoder_backward",
+    "transformer_decoder_forward",
+    "transformer_decoder_backward",
+    "transformer_forward",
+    "transformer_backward",
+    "transformer_param_shapes",
+    "transformer_dropout_mask_shapes",
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerDecoder",
+    "Transformer",
     # GPT and GPT-2 checkpoints
     "GPTConfig",
     "GPT",
@@ -182,4 +228,10 @@ __all__ = [
     "seq2seq_forward",
     "seq2seq_backward",
     "seq2seq_dropout_mask_shapes",
+    "TransformerSeq2SeqConfig",
+    "TransformerSeq2Seq",
+    "transformer_seq2seq_forward",
+    "transformer_seq2seq_backward",
+    "transformer_seq2seq_param_shapes",
+    "transformer_seq2seq_dropout_mask_shapes",
 ]

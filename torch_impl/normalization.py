@@ -19,7 +19,8 @@ results cast back, as torch does. The cache holds μ and r per row, not x̂: the
 recomputes x̂ = (x - μ) r from x.
 
 ``layer_norm`` (the same function under autograd, through the op's registered backward) is
-what the models call; it compiles with ``torch.compile(fullgraph=True)``.
+what the models call; it compiles with ``torch.compile(fullgraph=True)``. ``LayerNorm`` is the
+torch.nn.LayerNorm twin (an int normalized_shape) whose forward is that op.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .checks import check_float_tensor, shape_str
 from .kernels.layer_norm import layer_norm, layer_norm_backward_op, layer_norm_op
 
-__all__ = ["LayerNormCache", "LayerNormFunction", "layer_norm", "layer_norm_backward",
-           "layer_norm_forward"]
+__all__ = ["LayerNorm", "LayerNormCache", "LayerNormFunction", "layer_norm",
+           "layer_norm_backward", "layer_norm_forward"]
 
 
 def _check_eps(eps: object) -> float:
@@ -113,3 +114,58 @@ class LayerNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (dx if need[0] else None, dweight if need[1] else None,
                 dbias if need[2] else None, None)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, D = normalized_shape, through the fused op.
+
+    LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, device=None,
+    dtype=None): parameters ``weight`` (D,) (init 1) and ``bias`` (D,) (init 0) under
+    torch.nn's names, so state dicts move both ways; ``elementwise_affine=False`` has neither,
+    ``bias=False`` no bias. The forward is ``layer_norm`` (``seqtwin::layer_norm`` and its
+    hand-written backward), which checks x's type and width, not its values.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, (tuple, list)) and len(normalized_shape) == 1:
+            normalized_shape = normalized_shape[0]  # torch's one-axis form, (D,)
+        if isinstance(normalized_shape, bool) or not isinstance(normalized_shape, int):
+            raise TypeError(f"normalized_shape: expected an int D (the last axis), "
+                            f"got {normalized_shape!r}")
+        if normalized_shape < 1:
+            raise ValueError(f"normalized_shape: expected a positive int, got {normalized_shape}")
+        for name, flag in (("elementwise_affine", elementwise_affine), ("bias", bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        self.normalized_shape = (normalized_shape,)
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        self.weight = (nn.Parameter(torch.empty(normalized_shape, **factory))
+                       if elementwise_affine else None)
+        self.bias = (nn.Parameter(torch.empty(normalized_shape, **factory))
+                     if elementwise_affine and bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's init: weight 1, bias 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y (..., D) for x (..., D)."""
+        width = self.normalized_shape[0]
+        check_float_tensor("x", x, finite=False)
+        if x.dim() < 1 or x.shape[-1] != width:
+            raise ValueError(f"x: expected shape (..., {width}) (normalized_shape), "
+                             f"got {shape_str(tuple(x.shape))}")
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
