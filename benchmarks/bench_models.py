@@ -33,6 +33,7 @@ at d_model 256, 4 + 4 layers, B16, S 128, T 32.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +48,10 @@ from benchmarks.suite import main as suite_main
 
 HF = "transformers.GPT2LMHeadModel"
 NN_TRANSFORMER = "torch.nn.Transformer"
+# Pre-LN: with post-LN layers (torch.nn's default) the 8-layer stack's gradients at its input
+# come out of float32 with a 3.8e-4 relative error in torch.nn and torch_impl alike (the
+# stack's conditioning), over the 1e-4 budget; pre-LN's are within 1.2e-6.
+NORM_FIRST = True
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,10 @@ def transformer_train_step(settings: Settings) -> Workload:
     padding[::2, S - S // 4:] = True
     args = dict(d_model=E, nhead=s.nhead, num_encoder_layers=s.layers,
                 num_decoder_layers=s.layers, dim_feedforward=s.feedforward, dropout=0.0,
-                batch_first=True)
-    anchor = torch.nn.Transformer(**args, device=settings.device)
+                batch_first=True, norm_first=NORM_FIRST)
+    with warnings.catch_warnings():  # torch.nn's note that pre-LN layers skip nested tensors
+        warnings.simplefilter("ignore", UserWarning)
+        anchor = torch.nn.Transformer(**args, device=settings.device)
     state = {k: v.detach().cpu() for k, v in anchor.state_dict().items()}
 
     def reference_run(dtype: str) -> Callable[[], Outputs]:
@@ -285,7 +292,8 @@ def notes(settings: Settings) -> list[str]:
     return [f"models: training step = forward + loss + backward, no optimizer update; GPT "
             f"vocabulary {s.vocab} (the issue fixes L, h, E, T, B, not V); transformers runs "
             "its default (sdpa) attention; the Transformer runs on embedded inputs (no "
-            "embedding or loss), post-LN relu, dropout 0, torch.nn in training mode; Seq2Seq "
+            "embedding or loss), pre-LN (norm_first) relu, dropout 0, torch.nn in training mode; "
+            "Seq2Seq "
             "has no anchor and no compiled row (its autograd Function runs Python loops)."]
 
 
