@@ -113,6 +113,20 @@ def test_a_subword_vocabulary_is_trained_saved_and_used_by_translate(
     assert len(lines) == 1
 
 
+def test_a_shared_vocabulary_gives_one_embedding_table(news: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    assert main(["train", "--task", "summarize", "--data", str(news), "--out", str(out),
+                 "--steps", "2", "--eval-every", "2", "--max-source-len", "32",
+                 "--share-vocab", *TRANSFORMER]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["src_vocab"] == config["tgt_vocab"]
+    assert config["model"]["share_embeddings"] and config["model"]["tie_embeddings"]
+    assert config["model"]["src_vocab"] == config["model"]["tgt_vocab"]
+    from safetensors.numpy import load_file
+    names = set(load_file(str(out / "checkpoint.safetensors")))
+    assert "src_embedding.weight" in names and "tgt_embedding.weight" not in names
+
+
 @pytest.mark.parametrize("kind", SubwordVocab.KINDS)
 def test_subword_pieces_decode_back_to_the_words(kind: str) -> None:
     sentences = ["je suis tres fatigue .", "tu es tres grossier .", "il fait froid ."] * 20

@@ -43,12 +43,14 @@ class Variant(NamedTuple):
     positions: str = "sinusoidal"
     tie_embeddings: bool = False
     bias: bool = True
+    share_embeddings: bool = False
 
 
 VARIANTS = [Variant(), Variant(True, "gelu", "learned", True), Variant(False, "gelu", bias=False),
-            Variant(True, "relu", "learned", False, False)]
+            Variant(True, "relu", "learned", False, False),
+            Variant(True, "relu", "sinusoidal", True, True, True)]
 VARIANT_IDS = ["post-relu-sin", "pre-gelu-learned-tied", "post-gelu-nobias",
-               "pre-relu-learned-nobias"]
+               "pre-relu-learned-nobias", "pre-shared-tied"]
 
 
 class Shape(NamedTuple):
@@ -63,6 +65,8 @@ def config_of(variant: Variant, dropout: float = 0.0, **sizes: int
     base = dict(src_vocab=11, tgt_vocab=9, d_model=8, nhead=2, num_encoder_layers=2,
                 num_decoder_layers=2, dim_feedforward=12, dropout=dropout, max_len=16)
     base.update(sizes)
+    if variant.share_embeddings:   # one vocabulary
+        base["tgt_vocab"] = base["src_vocab"]
     return ref.TransformerSeq2SeqConfig(**base, **variant._asdict())
 
 
@@ -331,6 +335,16 @@ def test_bad_config_is_refused(backend) -> None:
         backend.TransformerSeq2SeqConfig(10, 10, activation="tanh")
     with pytest.raises(TypeError, match="config"):
         backend.TransformerSeq2Seq({"src_vocab": 10})
+    with pytest.raises(ValueError, match="share_embeddings"):
+        backend.TransformerSeq2SeqConfig(10, 12, share_embeddings=True)
+
+
+def test_shared_embeddings_are_one_parameter_that_both_sides_read() -> None:
+    config = config_of(Variant(share_embeddings=True, tie_embeddings=True))
+    model = tim.TransformerSeq2Seq(tim_config(config), dtype=torch.float64)
+    names = set(dict(model.named_parameters()))
+    assert "tgt_embedding.weight" not in names and "head.weight" not in names
+    assert names == set(model.state_dict()) == set(ref.transformer_seq2seq_param_shapes(config))
 
 
 def test_sources_longer_than_the_positions_are_refused() -> None:

@@ -18,7 +18,8 @@ Positions: "sinusoidal" P[t, 2i] = sin(t / 10000^(2i/E)), P[t, 2i+1] = cos(t / 1
 source and target. Target padding is handled by the loss alone (PAD = 0): the decoder is
 causal, so trailing padding never changes the logits of earlier positions.
 
-Parameter names: ``src_embedding.weight`` (V_src, E), ``tgt_embedding.weight`` (V_tgt, E),
+Parameter names: ``src_embedding.weight`` (V_src, E), ``tgt_embedding.weight`` (V_tgt, E; absent
+with share_embeddings, where the target reads the source's: one vocabulary, one table),
 ``pos_embedding.weight`` (learned positions only), ``transformer.<torch.nn.Transformer
 names>`` and, unless tied, ``head.weight`` (V_tgt, E) and ``head.bias`` (V_tgt,) (no bias with
 ``bias=False``).
@@ -87,6 +88,7 @@ class TransformerSeq2SeqConfig:
     max_len: int = 512
     positions: str = "sinusoidal"
     tie_embeddings: bool = False
+    share_embeddings: bool = False   # one embedding for source and target (one vocabulary)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "d_model", "nhead", "num_encoder_layers",
@@ -101,13 +103,21 @@ class TransformerSeq2SeqConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"layer_norm_eps: expected a positive float, got {eps!r}")
-        for name in ("norm_first", "bias", "tie_embeddings"):
+        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions: expected 'sinusoidal' or 'learned', "
                              f"got {self.positions!r}")
+        if self.share_embeddings and self.src_vocab != self.tgt_vocab:
+            raise ValueError(f"share_embeddings: needs one vocabulary for source and target, "
+                             f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
+
+    @property
+    def tgt_embedding_key(self) -> str:
+        """The parameter that embeds target tokens (the source's when shared)."""
+        return "src_embedding.weight" if self.share_embeddings else "tgt_embedding.weight"
 
     def transformer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``transformer_forward`` this config fixes."""
@@ -119,7 +129,9 @@ class TransformerSeq2SeqConfig:
 def transformer_seq2seq_param_shapes(config: TransformerSeq2SeqConfig
                                      ) -> dict[str, tuple[int, ...]]:
     c, E = config, config.d_model
-    shapes = {"src_embedding.weight": (c.src_vocab, E), "tgt_embedding.weight": (c.tgt_vocab, E)}
+    shapes = {"src_embedding.weight": (c.src_vocab, E)}
+    if not c.share_embeddings:
+        shapes["tgt_embedding.weight"] = (c.tgt_vocab, E)
     if c.positions == "learned":
         shapes["pos_embedding.weight"] = (c.max_len, E)
     shapes.update({"transformer." + k: v for k, v in transformer_param_shapes(
@@ -272,7 +284,7 @@ def transformer_seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None,
     table = _positions(params, config, max(S, T), dtype)
     x, src_e, src_d = _embed(src, params["src_embedding.weight"], table[:S], scale, p,
                              masks.get("src_embedding"))
-    y, tgt_e, tgt_d = _embed(tgt_in, params["tgt_embedding.weight"], table[:T], scale, p,
+    y, tgt_e, tgt_d = _embed(tgt_in, params[config.tgt_embedding_key], table[:T], scale, p,
                              masks.get("tgt_embedding"))
     padding = np.arange(S)[None, :] >= src_lengths[:, None]              # (B, S), True = pad
     h, t_cache = transformer_forward(
@@ -280,7 +292,7 @@ def transformer_seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None,
         src_key_padding_mask=padding, memory_key_padding_mask=padding, tgt_is_causal=True,
         dropout=p, dropout_masks=_sub(masks, "transformer.") if p > 0 else None)
     if config.tie_embeddings:
-        logits, head = linear_forward(h, params["tgt_embedding.weight"])
+        logits, head = linear_forward(h, params[config.tgt_embedding_key])
     else:
         logits, head = linear_forward(h, params["head.weight"], params.get("head.bias"))
     loss, loss_cache = None, None
@@ -314,14 +326,16 @@ def transformer_seq2seq_backward(cache: TransformerSeq2SeqCache,
         dy = dropout_backward(dy, cache.tgt_dropout)
     # x = E[ids] · √E + P: the embedding gets √E dx, learned positions the sum over the batch
     grads["src_embedding.weight"] = embedding_backward(dx * scale, cache.src_embedding)
-    grads["tgt_embedding.weight"] = embedding_backward(dy * scale, cache.tgt_embedding)
+    dtgt = embedding_backward(dy * scale, cache.tgt_embedding)
+    key = c.tgt_embedding_key      # the source's embedding when shared: the two uses add
+    grads[key] = grads[key] + dtgt if key in grads else dtgt
     if c.positions == "learned":
         dpos = np.zeros((c.max_len, c.d_model), dtype=dx.dtype)
         dpos[:cache.src_len] += dx.sum(axis=0)
         dpos[:cache.tgt_len] += dy.sum(axis=0)
         grads["pos_embedding.weight"] = dpos
     if c.tie_embeddings:
-        grads["tgt_embedding.weight"] = grads["tgt_embedding.weight"] + dw_head
+        grads[key] = grads[key] + dw_head
     else:
         grads["head.weight"] = dw_head
         if db_head is not None:
@@ -488,7 +502,7 @@ class _TransformerSeq2SeqSession:
         self.src, self.src_lengths = src, src_lengths
         self.layers = [_sub(params, f"transformer.decoder.layers.{i}.")
                        for i in range(config.num_decoder_layers)]
-        dtype = params["tgt_embedding.weight"].dtype
+        dtype = params[config.tgt_embedding_key].dtype
         self.positions = _positions(params, config, capacity, dtype)
         self.cross: list[tuple[np.ndarray, np.ndarray]] = []
         self.keys: list[np.ndarray] = []
@@ -555,7 +569,7 @@ class _TransformerSeq2SeqSession:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         c, p, eps = self.config, self.params, self.config.layer_norm_eps
-        x = p["tgt_embedding.weight"][tokens] * math.sqrt(c.d_model) + self.positions[self.t]
+        x = p[c.tgt_embedding_key][tokens] * math.sqrt(c.d_model) + self.positions[self.t]
         for i, layer in enumerate(self.layers):
             if c.norm_first:
                 x = x + self._self_attention(_layer_norm(x, layer, "norm1", eps), layer, i)
@@ -568,7 +582,7 @@ class _TransformerSeq2SeqSession:
         x = _layer_norm(x, p, "transformer.decoder.norm", eps)
         self.t += 1
         if c.tie_embeddings:
-            return x @ p["tgt_embedding.weight"].T
+            return x @ p[c.tgt_embedding_key].T
         return _linear(x, p["head.weight"], p.get("head.bias"))
 
     def reorder(self, index: np.ndarray) -> None:

@@ -55,6 +55,7 @@ from .data import (
     TINY_SHAKESPEARE,
     CharVocab,
     SubwordVocab,
+    WordVocab,
     load_char_corpus,
     load_summaries,
     load_translation_pairs,
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="translate, summarize: word vocabularies, or subword pieces "
                             "learned on the training split (tokenizers), saved with the "
                             "checkpoint")
+    train.add_argument("--share-vocab", action="store_true",
+                       help="translate, summarize: one vocabulary for source and target; the "
+                            "transformer then uses one embedding table for its encoder, "
+                            "decoder and output layer")
     train.add_argument("--vocab-size", type=_int_at_least(8), default=8000,
                        help="--vocab bpe/unigram: pieces per side, specials included")
     train.add_argument("--target", choices=SUMMARY_TARGETS, default="title",
@@ -398,7 +403,8 @@ def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str
                 "d_model": args.embed, "nhead": args.heads, "num_encoder_layers": args.layers,
                 "num_decoder_layers": args.layers, "dim_feedforward": args.ffn or 4 * args.embed,
                 "dropout": args.dropout or 0.0, "norm_first": args.norm_first,
-                "max_len": vocab["positions"], "positions": args.positions}
+                "max_len": vocab["positions"], "positions": args.positions,
+                "share_embeddings": args.share_vocab, "tie_embeddings": args.share_vocab}
     return {"kind": "seq2seq", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
             "embed_size": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
             "cell": args.model, "bidirectional": args.bidirectional,
@@ -431,12 +437,17 @@ def _make_task(name: str, data: str, settings: dict[str, Any],
         if metadata is not None:
             src_vocab = vocab_from_metadata(metadata["src_vocab"])
             tgt_vocab = vocab_from_metadata(metadata["tgt_vocab"])
-        elif args is not None and args.vocab != "word":
-            # subword pieces learned from the training split only, one tokenizer per side
-            src_vocab = SubwordVocab.train([a for a, _ in pairs.train_pairs], args.vocab_size,
-                                           args.vocab)
-            tgt_vocab = SubwordVocab.train([b for _, b in pairs.train_pairs], args.vocab_size,
-                                           args.vocab)
+        elif args is not None and (args.vocab != "word" or args.share_vocab):
+            # learned from the training split only: one vocabulary per side, or one for both
+            sides = ([a for a, _ in pairs.train_pairs], [b for _, b in pairs.train_pairs])
+            if args.share_vocab:
+                sides = (sides[0] + sides[1],)
+            if args.vocab == "word":
+                vocabs = [WordVocab(text, 2 if name == "summarize" else 1) for text in sides]
+            else:
+                vocabs = [SubwordVocab.train(text, args.vocab_size, args.vocab)
+                          for text in sides]
+            src_vocab, tgt_vocab = vocabs[0], vocabs[-1]
         if model_config is None:
             longest = max(max(len(src_vocab.encode(a)), len(tgt_vocab.encode(b)) + 1)
                           for a, b in pairs.train_pairs + pairs.val_pairs)

@@ -350,6 +350,14 @@ class TranslateTask:
     def evaluate(self, backend: str, model: Any, device: str, beams: int = 1,
                  full: bool = True, **_: Any) -> dict[str, float]:
         """{"val_loss": nats/word (teacher-forced), "val_bleu": sacrebleu corpus BLEU}."""
+        val_loss, hypotheses = self._validate(backend, model, device, beams)
+        return {"val_loss": val_loss,
+                "val_bleu": bleu(hypotheses, [[t] for _, t in self.val_pairs]),
+                "val_bleu_multi": bleu(hypotheses, self._all_references())}
+
+    def _validate(self, backend: str, model: Any, device: str, beams: int
+                  ) -> tuple[float, list[str]]:
+        """(teacher-forced validation loss in nats/word, the decoded validation targets)."""
         model.eval()
         total, count = 0.0, 0
         with no_grad(backend):
@@ -363,9 +371,7 @@ class TranslateTask:
         hypotheses = self.translate(backend, model, [s for s, _ in self.val_pairs], device,
                                     beams)
         model.train()
-        return {"val_loss": total / count,
-                "val_bleu": bleu(hypotheses, [[t] for _, t in self.val_pairs]),
-                "val_bleu_multi": bleu(hypotheses, self._all_references())}
+        return total / count, hypotheses
 
     def _all_references(self) -> list[list[str]]:
         """Per validation pair, every translation of its source sentence in the data (its own
@@ -437,21 +443,9 @@ class SummarizeTask(TranslateTask):
                  full: bool = True, **_: Any) -> dict[str, float]:
         """{"val_loss": nats/word, "val_rouge1"/"val_rouge2"/"val_rougeL": F1 x 100, and the
         lead baseline's "lead_rouge*"}."""
-        model.eval()
-        total, count = 0.0, 0
-        with no_grad(backend):
-            for i in range(0, len(self.val_pairs), DECODE_BATCH):
-                arrays = self._arrays(self.val_pairs[i:i + DECODE_BATCH])
-                n = self.count(arrays)
-                loss = self.loss(backend, model, {k: to_backend(backend, v, device)
-                                                  for k, v in arrays.items()})
-                total += float(loss) * n
-                count += n
-        hypotheses = self.translate(backend, model, [a for a, _ in self.val_pairs], device,
-                                    beams)
-        model.train()
+        val_loss, hypotheses = self._validate(backend, model, device, beams)
         scores = rouge(hypotheses, [t for _, t in self.val_pairs])
-        return {"val_loss": total / count, **{f"val_{k}": v for k, v in scores.items()},
+        return {"val_loss": val_loss, **{f"val_{k}": v for k, v in scores.items()},
                 **{f"lead_{k}": v for k, v in self.lead().items()}}
 
 

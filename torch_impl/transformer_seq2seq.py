@@ -79,6 +79,7 @@ class TransformerSeq2SeqConfig:
     max_len: int = 512
     positions: str = "sinusoidal"
     tie_embeddings: bool = False
+    share_embeddings: bool = False   # one embedding for source and target (one vocabulary)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "d_model", "nhead", "num_encoder_layers",
@@ -93,13 +94,21 @@ class TransformerSeq2SeqConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"layer_norm_eps: expected a positive float, got {eps!r}")
-        for name in ("norm_first", "bias", "tie_embeddings"):
+        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions: expected 'sinusoidal' or 'learned', "
                              f"got {self.positions!r}")
+        if self.share_embeddings and self.src_vocab != self.tgt_vocab:
+            raise ValueError(f"share_embeddings: needs one vocabulary for source and target, "
+                             f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
+
+    @property
+    def tgt_embedding_key(self) -> str:
+        """The parameter that embeds target tokens (the source's when shared)."""
+        return "src_embedding.weight" if self.share_embeddings else "tgt_embedding.weight"
 
     def transformer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``transformer_forward`` this config fixes."""
@@ -111,7 +120,9 @@ class TransformerSeq2SeqConfig:
 def transformer_seq2seq_param_shapes(config: TransformerSeq2SeqConfig
                                      ) -> dict[str, tuple[int, ...]]:
     c, E = config, config.d_model
-    shapes = {"src_embedding.weight": (c.src_vocab, E), "tgt_embedding.weight": (c.tgt_vocab, E)}
+    shapes = {"src_embedding.weight": (c.src_vocab, E)}
+    if not c.share_embeddings:
+        shapes["tgt_embedding.weight"] = (c.tgt_vocab, E)
     if c.positions == "learned":
         shapes["pos_embedding.weight"] = (c.max_len, E)
     shapes.update({"transformer." + k: v for k, v in transformer_param_shapes(
@@ -273,7 +284,7 @@ def transformer_seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in:
     weight = params["src_embedding.weight"]
     table = _positions(params, config, max(S, T), weight)
     x, src_e, src_d = _embed(src, weight, table[:S], scale, p, masks.get("src_embedding"))
-    y, tgt_e, tgt_d = _embed(tgt_in, params["tgt_embedding.weight"], table[:T], scale, p,
+    y, tgt_e, tgt_d = _embed(tgt_in, params[config.tgt_embedding_key], table[:T], scale, p,
                              masks.get("tgt_embedding"))
     padding = _padding(src_lengths, S)
     h, t_cache = transformer_forward(
@@ -281,7 +292,7 @@ def transformer_seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in:
         src_key_padding_mask=padding, memory_key_padding_mask=padding, tgt_is_causal=True,
         dropout=p, dropout_masks=_sub(masks, "transformer.") if p > 0 else None)
     if config.tie_embeddings:
-        logits, head = linear_forward(h, params["tgt_embedding.weight"])
+        logits, head = linear_forward(h, params[config.tgt_embedding_key])
     else:
         logits, head = linear_forward(h, params["head.weight"], params.get("head.bias"))
     loss, loss_cache = None, None
@@ -316,14 +327,16 @@ def transformer_seq2seq_backward(cache: TransformerSeq2SeqCache, dlogits: Tensor
         dy = dropout_backward(dy, cache.tgt_dropout)
     # x = E[ids] · √E + P: the embedding gets √E dx, learned positions the sum over the batch
     grads["src_embedding.weight"] = embedding_backward(dx * scale, cache.src_embedding)
-    grads["tgt_embedding.weight"] = embedding_backward(dy * scale, cache.tgt_embedding)
+    dtgt = embedding_backward(dy * scale, cache.tgt_embedding)
+    key = c.tgt_embedding_key      # the source's embedding when shared: the two uses add
+    grads[key] = grads[key] + dtgt if key in grads else dtgt
     if c.positions == "learned":
         dpos = dx.new_zeros(c.max_len, c.d_model)
         dpos[:cache.src_len] += dx.sum(dim=0)
         dpos[:cache.tgt_len] += dy.sum(dim=0)
         grads["pos_embedding.weight"] = dpos
     if c.tie_embeddings:
-        grads["tgt_embedding.weight"] = grads["tgt_embedding.weight"] + dw_head
+        grads[key] = grads[key] + dw_head
     else:
         grads["head.weight"] = dw_head
         if db_head is not None:
@@ -337,7 +350,8 @@ class TransformerSeq2Seq(nn.Module):
     """The Transformer encoder-decoder (module docstring); autograd through the fused ops.
 
     TransformerSeq2Seq(config, *, device=None, dtype=None). Submodules ``src_embedding``,
-    ``tgt_embedding`` (nn.Embedding), ``pos_embedding`` (learned positions only),
+    ``tgt_embedding`` (nn.Embedding; none with share_embeddings, where the target reads
+    ``src_embedding``), ``pos_embedding`` (learned positions only),
     ``transformer`` (this package's Transformer, batch-first, torch.nn's init) and ``head``
     (nn.Linear, absent with tie_embeddings). Embeddings are drawn from N(0, 1/E), so that
     E[ids] · √E has unit variance.
@@ -351,7 +365,8 @@ class TransformerSeq2Seq(nn.Module):
         factory = {"device": device, "dtype": dtype}
         E = c.d_model
         self.src_embedding = nn.Embedding(c.src_vocab, E, **factory)
-        self.tgt_embedding = nn.Embedding(c.tgt_vocab, E, **factory)
+        if not c.share_embeddings:
+            self.tgt_embedding = nn.Embedding(c.tgt_vocab, E, **factory)
         if c.positions == "learned":
             self.pos_embedding = nn.Embedding(c.max_len, E, **factory)
         self.transformer = Transformer(
@@ -367,6 +382,11 @@ class TransformerSeq2Seq(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(c.max_len, E, like.dtype,
                                                                like.device), persistent=False)
 
+    @property
+    def _target_embedding(self) -> nn.Embedding:
+        """The embedding of target tokens: the source's with share_embeddings."""
+        return self.src_embedding if self.config.share_embeddings else self.tgt_embedding
+
     def _position_table(self) -> Tensor:
         if self.config.positions == "learned":
             return self.pos_embedding.weight
@@ -374,7 +394,7 @@ class TransformerSeq2Seq(nn.Module):
 
     def _logits(self, h: Tensor) -> Tensor:
         if self.config.tie_embeddings:
-            return F.linear(h, self.tgt_embedding.weight)
+            return F.linear(h, self._target_embedding.weight)
         return self.head(h)
 
     def forward(self, src: Tensor, src_lengths: Tensor | None, tgt_in: Tensor,
@@ -400,7 +420,7 @@ class TransformerSeq2Seq(nn.Module):
         scale = math.sqrt(config.d_model)
         table = self._position_table()
         x = self.src_embedding(src) * scale + table[:S]
-        y = self.tgt_embedding(tgt_in) * scale + table[:T]
+        y = self._target_embedding(tgt_in) * scale + table[:T]
         if p > 0:
             x = x * masks["src_embedding"] / (1.0 - p)
             y = y * masks["tgt_embedding"] / (1.0 - p)
@@ -482,7 +502,7 @@ class _TransformerSeq2SeqSession:
         params = [w for _, w in model.named_parameters()]
         self.layout = generation.decode_layout(model, "transformer_seq2seq", params,
                                                self._layout)
-        like = model.tgt_embedding.weight
+        like = model._target_embedding.weight
         self.linear = decode_linear_for(like)
         self.attend = decode_attention_for(like)
         self.cross: list[tuple[Tensor, Tensor]] = []
@@ -509,7 +529,8 @@ class _TransformerSeq2SeqSession:
                 "linear2": _t(layer.linear2.weight), "linear2_bias": layer.linear2.bias,
                 "norms": [(n.weight, n.bias) for n in (layer.norm1, layer.norm2, layer.norm3)],
             })
-        head = model.tgt_embedding.weight if self.config.tie_embeddings else model.head.weight
+        head = (model._target_embedding.weight if self.config.tie_embeddings
+                else model.head.weight)
         final = model.transformer.decoder.norm
         return {"layers": [{k: (v.detach() if isinstance(v, Tensor) else v)
                             for k, v in layer.items()} for layer in layers],
@@ -546,7 +567,7 @@ class _TransformerSeq2SeqSession:
         c, layout, linear, t = self.config, self.layout, self.linear, self.t
         E, eps, N = c.d_model, c.layer_norm_eps, tokens.shape[0]
         h, d = c.nhead, c.d_model // c.nhead
-        x = F.embedding(tokens, self.model.tgt_embedding.weight) * self.scale \
+        x = F.embedding(tokens, self.model._target_embedding.weight) * self.scale \
             + self.positions[t]
         relu = c.activation == "relu"
         for i, w in enumerate(layout["layers"]):
