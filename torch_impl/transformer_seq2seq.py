@@ -212,6 +212,18 @@ def _check_tgt(tgt_in: object, batch: int, config: TransformerSeq2SeqConfig) -> 
                          f"got T = {tgt_in.shape[1]}")
 
 
+def _check_inputs(src: object, src_lengths: object, tgt_in: object, targets: object,
+                  config: TransformerSeq2SeqConfig) -> tuple[Tensor, int, int, int]:
+    """The ids of a forward -> (src_lengths, B, S, T)."""
+    src_lengths = _check_src(src, src_lengths, config)
+    B, S = src.shape
+    _check_tgt(tgt_in, B, config)
+    T = tgt_in.shape[1]
+    if targets is not None:
+        check_int_tensor("targets", targets, (B, T))
+    return src_lengths, B, S, T
+
+
 def _sub(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
@@ -269,12 +281,7 @@ def transformer_seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in:
     """
     config = _check_config(config)
     _check_params(params, config)
-    src_lengths = _check_src(src, src_lengths, config)
-    B, S = src.shape
-    _check_tgt(tgt_in, B, config)
-    T = tgt_in.shape[1]
-    if targets is not None:
-        check_int_tensor("targets", targets, (B, T))
+    src_lengths, B, S, T = _check_inputs(src, src_lengths, tgt_in, targets, config)
     p = config.dropout
     if p > 0 and dropout_masks is None:
         raise ValueError("dropout_masks: required when config.dropout > 0 (randomness is "
@@ -405,12 +412,7 @@ class TransformerSeq2Seq(nn.Module):
         Dropout only in training mode, with the given keep-masks or Bernoulli(1 - p)
         keep-masks drawn on src's device; in eval mode dropout_masks are ignored."""
         config = self.config
-        src_lengths = _check_src(src, src_lengths, config)
-        B, S = src.shape
-        _check_tgt(tgt_in, B, config)
-        T = tgt_in.shape[1]
-        if targets is not None:
-            check_int_tensor("targets", targets, (B, T))
+        src_lengths, B, S, T = _check_inputs(src, src_lengths, tgt_in, targets, config)
         p = config.dropout if self.training else 0.0
         if p > 0 and dropout_masks is None:
             shapes = transformer_seq2seq_dropout_mask_shapes(config, B, S, T)
