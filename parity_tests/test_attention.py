@@ -780,3 +780,37 @@ def test_mha_value_must_match_key_naming_it(backend) -> None:
 def test_module_rejects_heads_not_dividing_embed_dim(module_class) -> None:
     with pytest.raises(ValueError, match=r"^num_heads: expected a divisor of embed_dim E = 10"):
         module_class(10, 4)
+
+
+@pytest.mark.parametrize("tq, tk", [(3, 0), (0, 3), (0, 0)])
+def test_empty_queries_or_keys_give_what_torch_nn_gives_in_both_backends(tq: int, tk: int
+                                                                         ) -> None:
+    """Tk = 0: every query sees no key, so its output is 0 (as F.scaled_dot_product_attention
+    and nn.MultiheadAttention give); Tq = 0: an empty output. Gradients are zeros of the
+    inputs' shapes. (torch_impl's fused CPU path divided by zero here: the process died.)"""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape) for shape in ((2, 2, tq, 4), (2, 2, tk, 4),
+                                                        (2, 2, tk, 4)))
+    expected = F.scaled_dot_product_attention(*(torch.from_numpy(a) for a in (q, k, v)))
+    ref_out, cache = ref.scaled_dot_product_attention_forward(q, k, v, causal=True)
+    ref_grads = ref.scaled_dot_product_attention_backward(np.ones_like(ref_out), cache)
+    leaves = [torch.from_numpy(a).requires_grad_() for a in (q, k, v)]
+    out = tim.scaled_dot_product_attention(*leaves, causal=True)
+    out.sum().backward()
+    for got in (ref_out, out.detach().numpy()):
+        assert got.shape == tuple(expected.shape) and not np.any(got)
+    for grads in (ref_grads, [t.grad.numpy() for t in leaves]):
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+        assert not any(np.any(g) for g in grads)
+    # the module forms: out = out_proj(0) = its bias where no key exists
+    module = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    x = torch.from_numpy(rng.standard_normal((2, max(tq, 1), 8)))[:, :tq]
+    memory = torch.from_numpy(rng.standard_normal((2, tk, 8)))
+    expected = module(x, memory, memory)[0].detach().numpy()
+    ours = tim.MultiheadAttention(8, 2, dtype=torch.float64)
+    ours.load_state_dict(module.state_dict())
+    np.testing.assert_allclose(ours(x, memory, memory)[0].detach().numpy(), expected, atol=1e-15)
+    ref_module = ref.MultiheadAttention(8, 2)
+    ref_module.load_state_dict({k_: v_.numpy() for k_, v_ in module.state_dict().items()})
+    np.testing.assert_allclose(ref_module(x.numpy(), memory.numpy(), memory.numpy())[0],
+                               expected, atol=1e-15)

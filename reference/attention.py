@@ -147,9 +147,10 @@ def _attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, masks: Atten
     masked = _masked_keys(masks, tq, tk)
     if masked is not None:
         scores = np.where(masked, -np.inf, scores)
-    # The max over the visible keys keeps every exponent <= 0; a row with no visible key has
-    # max -inf, shifted by 0 instead so that its exponentials are exactly 0 (never NaN).
-    row_max = scores.max(axis=-1, keepdims=True)
+    # The max over the visible keys keeps every exponent <= 0; a row with no visible key (or
+    # no key at all, Tk = 0) has max -inf, shifted by 0 instead so that its exponentials are
+    # exactly 0 (never NaN) and its output 0.
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     e = np.exp(scores - row_max)
     total = e.sum(axis=-1, keepdims=True)

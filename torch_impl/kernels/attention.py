@@ -650,7 +650,11 @@ def _aten_fits(q: Tensor, v: Tensor, masks: AttentionMasks) -> bool:
 
 def _implementation(q: Tensor, v: Tensor, masks: AttentionMasks) -> str:
     """The one decision of what computes this attention: "triton", "aten" or "loop" (see the
-    module docstring)."""
+    module docstring). Empty queries or keys take the loop, which gives what torch.nn gives
+    (an empty output, or zeros where no key exists) where ATen's fused CPU kernel would divide
+    by zero."""
+    if q.shape[-2] == 0 or v.shape[-2] == 0:
+        return "loop"
     if _triton_fits(q, v, masks):
         return "triton"
     if _aten_fits(q, v, masks):
