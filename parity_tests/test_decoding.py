@@ -409,3 +409,30 @@ def test_stable_top_equals_a_full_stable_sort(data, rows: int, width: int) -> No
     expected = np.argsort(-x, axis=1, kind="stable")[:, :k]
     actual = tim._stable_top(torch.from_numpy(x), k).numpy()
     np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch_impl"])
+def test_sample_tokens_refuses_bad_arguments_naming_them(backend: str) -> None:
+    """Each of these once returned tokens, -1 ids or a broadcasting error."""
+    sq = ref if backend == "reference" else tim
+    wrap = (lambda a: a) if backend == "reference" else torch.from_numpy
+    logits, u = wrap(np.array([[0.5, 1.0, -1.0], [2.0, 0.0, 1.0]])), wrap(np.array([0.3, 0.9]))
+    bad = [({"temperature": 0.0}, ValueError, "temperature"),
+           ({"temperature": -1.0}, ValueError, "temperature"),
+           ({"top_k": 0}, ValueError, "top_k"),
+           ({"top_p": 0.0}, ValueError, "top_p"),
+           ({"top_p": 1.5}, ValueError, "top_p")]
+    for options, error, name in bad:
+        with pytest.raises(error, match=name):
+            sq.sample_tokens(logits, u, **options)
+    with pytest.raises(ValueError, match="logits: contains NaN"):
+        sq.sample_tokens(wrap(np.full((2, 3), np.nan)), u)
+    with pytest.raises(ValueError, match="every row needs a finite value"):
+        sq.sample_tokens(wrap(np.array([[0.0, 1.0, 2.0], [-np.inf] * 3])), u)
+    with pytest.raises(ValueError, match="u: expected shape"):
+        sq.sample_tokens(logits, wrap(np.array([0.1, 0.2, 0.3])))
+    with pytest.raises(ValueError, match="u: values must lie in"):
+        sq.sample_tokens(logits, wrap(np.array([0.1, 1.0])))
+    # -inf marks a banned token and stays allowed
+    tokens = sq.sample_tokens(wrap(np.array([[-np.inf, 1.0, 0.0], [0.0, -np.inf, 5.0]])), u)
+    assert np.asarray(tokens).tolist() == [1, 2]

@@ -129,9 +129,41 @@ def greedy_decode(step: Step, state: Any, bos: np.ndarray, max_new_tokens: int,
                    lambda logits, t: logits.argmax(axis=1))
 
 
+def _check_sampling(temperature: object, top_k: object, top_p: object) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+            raise TypeError(f"top_p: expected a float, got {type(top_p).__name__}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p}")
+
+
 def sample_tokens(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
-    """One inverse-CDF draw per row of logits (N, V) from uniforms u (N,) (module docstring)."""
+    """One inverse-CDF draw per row of logits (N, V) from uniforms u (N,) in [0, 1) (module
+    docstring), every argument checked: temperature > 0, top_k None or >= 1, top_p None or in
+    (0, 1], logits free of NaN and +inf with a finite value in every row (-inf marks a banned
+    token)."""
+    check_float_array("logits", logits, shape=("N", "V"), finite=False)
+    _check_sampling(temperature, top_k, top_p)
+    if np.any(np.isnan(logits) | (logits == np.inf)):
+        raise ValueError("logits: contains NaN or +inf")
+    if logits.shape[1] == 0 or not np.all(np.isfinite(logits).any(axis=1)):
+        raise ValueError("logits: every row needs a finite value (a token that can be drawn)")
+    check_float_array("u", u, shape=(logits.shape[0],))
+    if u.size and not (u.min() >= 0 and u.max() < 1):
+        raise ValueError(f"u: values must lie in [0, 1), got min {u.min()}, max {u.max()}")
+    return draw_tokens(logits, u, temperature, top_k, top_p)
+
+
+def draw_tokens(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """``sample_tokens`` on trusted arguments (the decoders check them once per call)."""
     vocab = logits.shape[1]
     z = logits / temperature
     p = softmax(z)
@@ -167,17 +199,7 @@ def sample_decode(step: Step, state: Any, bos: np.ndarray, max_new_tokens: int,
     also by frozen rows. Scores are the model's log-probs (temperature 1, unfiltered).
     """
     batch = _check_common(bos, max_new_tokens, eos_id)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
-    if top_k is not None:
-        check_positive_int("top_k", top_k)
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-            raise TypeError(f"top_p: expected a float, got {type(top_p).__name__}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     if uniforms is None:
         uniforms = np.random.default_rng(seed).random((batch, max_new_tokens))
     check_float_array("uniforms", uniforms, shape=(batch, max_new_tokens))
@@ -185,8 +207,8 @@ def sample_decode(step: Step, state: Any, bos: np.ndarray, max_new_tokens: int,
         raise ValueError(f"uniforms: values must lie in [0, 1), got min {uniforms.min()}, "
                          f"max {uniforms.max()}")
     return _decode(step, state, bos, max_new_tokens, eos_id,
-                   lambda logits, t: sample_tokens(logits, uniforms[:, t], temperature,
-                                                   top_k, top_p))
+                   lambda logits, t: draw_tokens(logits, uniforms[:, t], temperature,
+                                                 top_k, top_p))
 
 
 def _merge_pool(pool: BeamResult, scores: np.ndarray, tokens: np.ndarray,

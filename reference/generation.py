@@ -57,7 +57,7 @@ import numpy as np
 
 from .activations import log_softmax
 from .checks import check_float_array, check_int_array, check_positive_int
-from .decoding import sample_tokens
+from .decoding import draw_tokens
 
 EARLY_STOPPING = (True, False, "never")
 NEG = -1.0e9  # transformers' score of a hypothesis that must not be chosen
@@ -406,7 +406,7 @@ def _stream_tokens(session: DecodeSession, ids: np.ndarray, mask: np.ndarray | N
         if uniforms is None:
             tokens = scores.argmax(axis=1)
         else:
-            tokens = sample_tokens(scores.astype(np.float64), uniforms[:, t],
+            tokens = draw_tokens(scores.astype(np.float64), uniforms[:, t],
                                    config.temperature, top_k, top_p)
         if eos.size:
             tokens = np.where(unfinished, tokens, pad)

@@ -132,9 +132,42 @@ def greedy_decode(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int
                    lambda logits, t: logits.argmax(dim=1))
 
 
+def _check_sampling(temperature: object, top_k: object, top_p: object) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+            raise TypeError(f"top_p: expected a float, got {type(top_p).__name__}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p}")
+
+
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """One inverse-CDF draw per row of logits (N, V) from uniforms u (N,) (module docstring)."""
+    """One inverse-CDF draw per row of logits (N, V) from uniforms u (N,) in [0, 1) (module
+    docstring), every argument checked: temperature > 0, top_k None or >= 1, top_p None or in
+    (0, 1], logits free of NaN and +inf with a finite value in every row (-inf marks a banned
+    token)."""
+    check_float_tensor("logits", logits, shape=("N", "V"), finite=False)
+    _check_sampling(temperature, top_k, top_p)
+    if bool(torch.any(torch.isnan(logits) | (logits == float("inf")))):
+        raise ValueError("logits: contains NaN or +inf")
+    if logits.shape[1] == 0 or not bool(torch.isfinite(logits).any(dim=1).all()):
+        raise ValueError("logits: every row needs a finite value (a token that can be drawn)")
+    check_float_tensor("u", u, shape=(logits.shape[0],))
+    if u.numel() and not (float(u.min()) >= 0 and float(u.max()) < 1):
+        raise ValueError(f"u: values must lie in [0, 1), got min {float(u.min())}, "
+                         f"max {float(u.max())}")
+    return draw_tokens(logits, u, temperature, top_k, top_p)
+
+
+def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``sample_tokens`` on trusted arguments (the decoders check them once per call)."""
     vocab = logits.shape[1]
     positions = torch.arange(vocab, device=logits.device)
     z = logits / temperature
@@ -171,17 +204,7 @@ def sample_decode(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int
     at step t also by frozen rows. Scores are the model's log-probs (temperature 1, unfiltered).
     """
     batch = _check_common(bos, max_new_tokens, eos_id)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
-    if top_k is not None:
-        check_positive_int("top_k", top_k)
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-            raise TypeError(f"top_p: expected a float, got {type(top_p).__name__}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a probability in (0, 1], got {top_p}")
+    _check_sampling(temperature, top_k, top_p)
     if uniforms is None:
         generator = torch.Generator()
         if seed is None:
@@ -195,7 +218,7 @@ def sample_decode(step: Step, state: Any, bos: torch.Tensor, max_new_tokens: int
         raise ValueError(f"uniforms: values must lie in [0, 1), got min {float(uniforms.min())}, "
                          f"max {float(uniforms.max())}")
     return _decode(step, state, bos, max_new_tokens, eos_id,
-                   lambda logits, t: sample_tokens(logits, uniforms[:, t], temperature,
+                   lambda logits, t: draw_tokens(logits, uniforms[:, t], temperature,
                                                    top_k, top_p))
 
 

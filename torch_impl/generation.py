@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite_tensors, check_int_tensor, check_positive_int
-from .decoding import sample_tokens
+from .decoding import draw_tokens
 
 EARLY_STOPPING = (True, False, "never")
 NEG = -1.0e9  # transformers' score of a hypothesis that must not be chosen
@@ -381,7 +381,7 @@ def _stream_tokens(session: DecodeSession, ids: Tensor, mask: Tensor | None,
         if uniforms is None:
             tokens = scores.argmax(dim=1)
         else:
-            tokens = sample_tokens(scores.double(), uniforms[:, t], config.temperature, top_k,
+            tokens = draw_tokens(scores.double(), uniforms[:, t], config.temperature, top_k,
                                    top_p)
         if eos.numel():
             tokens = torch.where(unfinished, tokens, pad)
