@@ -258,3 +258,35 @@ def test_lstm_cell_forward_rejects_misshapen_c_naming_it(backend: str) -> None:
     call["c"] = call["c"][:, :1]
     with pytest.raises(ValueError, match=r"\bc\b"):
         forward(**_to_backend(backend, call))
+
+
+@BACKENDS
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_dropout_of_one_is_refused_by_both_backends(backend: str, cls: str) -> None:
+    """p = 1 would scale the kept activations by 1 / (1 - p) = inf; the twins once disagreed
+    (one accepted it)."""
+    import reference
+    import torch_impl
+    package = reference if backend == "reference" else torch_impl
+    with pytest.raises(ValueError, match=r"dropout: expected a probability in \[0, 1\)"):
+        getattr(package, cls)(2, 3, num_layers=2, dropout=1.0)
+
+
+@BACKENDS
+def test_a_wrong_weight_hh_is_named_itself(backend: str) -> None:
+    """The hidden size comes from weight_ih_l0 (4H rows for the LSTM), so a weight_hh_l0 of
+    the wrong width is the tensor the error names, in both backends."""
+    import reference
+    import torch_impl
+    rng = np.random.default_rng(0)
+    params = {"weight_ih_l0": rng.standard_normal((4 * H, I)),
+              "weight_hh_l0": rng.standard_normal((4 * H, H + 1))}
+    x = rng.standard_normal((B, T, I))
+    if backend == "reference":
+        call = lambda: reference.lstm_forward(x, params)  # noqa: E731
+    else:
+        call = lambda: torch_impl.lstm_forward(  # noqa: E731
+            torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in params.items()})
+    with pytest.raises(ValueError, match=r"params\['weight_hh_l0'\]: expected shape "
+                                         rf"\({4 * H}, {H}\)"):
+        call()

@@ -182,11 +182,15 @@ def infer_layout(params: Mapping[str, Tensor], num_gates: int, dtype: torch.dtyp
             raise ValueError(f"params: missing key {key!r}")
     w_ih = check_float_tensor("params['weight_ih_l0']", params["weight_ih_l0"],
                               (f"{num_gates}*H", "I"), dtype=dtype, finite=False)
-    w_hh = check_float_tensor("params['weight_hh_l0']", params["weight_hh_l0"],
-                              (f"{num_gates}*H", "H"), dtype=dtype, finite=False)
+    check_float_tensor("params['weight_hh_l0']", params["weight_hh_l0"],
+                       (f"{num_gates}*H", "H"), dtype=dtype, finite=False)
+    if w_ih.shape[0] == 0 or w_ih.shape[0] % num_gates:
+        raise ValueError(f"params['weight_ih_l0']: expected shape ({num_gates}*H, I) with "
+                         f"H >= 1, got {shape_str(tuple(w_ih.shape))}")
+    # H from weight_ih_l0, as the reference: a wrong weight_hh_l0 is then the one named
     layout = Layout(num_layers=1 + max(int(k) for _, _, k, _ in parsed),
                     num_directions=2 if any(rev for _, _, _, rev in parsed) else 1,
-                    input_size=w_ih.shape[1], hidden_size=w_hh.shape[1],
+                    input_size=w_ih.shape[1], hidden_size=w_ih.shape[0] // num_gates,
                     bias=any(kind == "bias" for kind, _, _, _ in parsed))
     for key, shape in param_shapes(layout, num_gates).items():
         if key not in params:
@@ -257,7 +261,7 @@ def check_recurrent_args(x: Tensor, params: Mapping[str, Tensor], num_gates: int
     if lengths is not None:
         lengths = lengths.to(x.device).contiguous()
         valid = torch.arange(T, device=x.device)[:, None] < lengths[None, :]
-    dropout = check_probability("dropout", dropout, allow_one=True)
+    dropout = check_probability("dropout", dropout)
     masks = _check_dropout_masks(dropout_masks, dropout, L, (B, T, D * H), x.device)
     return RecurrentArgs(layout, tuple(states), valid, lengths, dropout, masks)
 
@@ -674,7 +678,7 @@ class RecurrentModule(nn.Module):
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_layers = check_positive_int("num_layers", num_layers)
         self.bias = bool(bias)
-        self.dropout = check_probability("dropout", dropout, allow_one=True)
+        self.dropout = check_probability("dropout", dropout)
         self.bidirectional = bool(bidirectional)
         layout = Layout(self.num_layers, 2 if bidirectional else 1, self.input_size,
                         self.hidden_size, self.bias)
