@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
+from seqtwin.checkpoint import current_checkpoint as ckpt
 from seqtwin.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -50,9 +52,10 @@ def _generate(checkpoint: Path, backend: str, capsys: pytest.CaptureFixture, *ex
 
 def test_train_writes_checkpoint_files_and_the_loss_falls(trained: Path) -> None:
     for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json",
-                 "metrics.jsonl"):
-        assert (trained / name).is_file(), name
-    config = json.loads((trained / "config.json").read_text())
+                 "manifest.json"):
+        assert (ckpt(trained) / name).is_file(), name
+    assert (trained / "metrics.jsonl").is_file()
+    config = json.loads((ckpt(trained) / "config.json").read_text())
     assert config["step"] == 20 and config["task"] == "char-lm"
     records = _metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 21))
@@ -79,14 +82,11 @@ def test_sampling_with_one_seed_gives_the_same_text_in_both_backends(
 def test_resume_continues_from_the_saved_step(corpus: Path, trained: Path,
                                               tmp_path: Path) -> None:
     out = tmp_path / "run"
-    out.mkdir()
-    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json",
-                 "metrics.jsonl"):
-        (out / name).write_bytes((trained / name).read_bytes())
+    shutil.copytree(trained, out)
     argv = ["train", "--data", str(corpus), "--out", str(out), "--backend", "torch",
             "--steps", "25", "--eval-every", "10", "--resume", *TINY]
     assert main(argv) == 0
-    assert json.loads((out / "config.json").read_text())["step"] == 25
+    assert json.loads((ckpt(out) / "config.json").read_text())["step"] == 25
     assert [r["step"] for r in _metrics(out)] == list(range(1, 26))
 
 
@@ -120,7 +120,7 @@ def test_a_checkpoint_directory_without_files_exits_2(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     assert main(["generate", "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--checkpoint" in err and "config.json" in err and len(err.splitlines()) == 1
+    assert "--checkpoint" in err and "CURRENT" in err and len(err.splitlines()) == 1
 
 
 def test_a_prompt_outside_the_vocabulary_exits_2(trained: Path,
@@ -133,9 +133,8 @@ def test_a_prompt_outside_the_vocabulary_exits_2(trained: Path,
 def test_a_torch_checkpoint_resumes_with_the_numpy_backend(corpus: Path, trained: Path,
                                                            tmp_path: Path) -> None:
     out = tmp_path / "run"
-    out.mkdir()
-    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json"):
-        (out / name).write_bytes((trained / name).read_bytes())
+    shutil.copytree(trained, out)
+    (out / "metrics.jsonl").unlink()
     argv = ["train", "--data", str(corpus), "--out", str(out), "--backend", "numpy",
             "--steps", "22", "--resume", *TINY]
     assert main(argv) == 0
@@ -161,4 +160,4 @@ def test_keyboard_interrupt_saves_a_checkpoint_at_the_last_finished_step(
     out = tmp_path / "run"
     argv = ["train", "--data", str(corpus), "--out", str(out), "--steps", "20", *TINY]
     assert main(argv) == 130
-    assert json.loads((out / "config.json").read_text())["step"] == 3
+    assert json.loads((ckpt(out) / "config.json").read_text())["step"] == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from seqtwin.checkpoint import current_checkpoint as ckpt
 from seqtwin.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -83,12 +85,13 @@ def _run(capsys: pytest.CaptureFixture, *argv: str) -> str:
 # ----------------------------------------------------------------------------- GPT char-lm
 
 def test_gpt_training_writes_a_gpt_checkpoint_and_its_loss_falls(gpt_run: Path) -> None:
-    config = json.loads((gpt_run / "config.json").read_text())
+    config = json.loads((ckpt(gpt_run) / "config.json").read_text())
     assert config["model"]["kind"] == "gpt" and config["model"]["block_size"] == 16
     records = _metrics(gpt_run)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    assert "transformer.h.1.attn.c_attn.weight" in load_file(gpt_run / "checkpoint.safetensors")
+    saved = load_file(ckpt(gpt_run) / "checkpoint.safetensors")
+    assert "transformer.h.1.attn.c_attn.weight" in saved
 
 
 @pytest.mark.parametrize("mode", [("--greedy",), ("--beams", "3"),
@@ -138,17 +141,17 @@ def test_init_from_fine_tunes_with_frozen_embeddings(
     assert main(["train", "--data", str(new_text), "--out", str(out), "--steps", "4",
                  "--init-from", str(gpt_run), "--freeze-embeddings", "--batch", "4",
                  "--block", "16", "--lr", "1e-2", "--backend", "numpy"]) == 0
-    before = load_file(gpt_run / "checkpoint.safetensors")
-    after = load_file(out / "checkpoint.safetensors")
-    config = json.loads((out / "config.json").read_text())
+    before = load_file(ckpt(gpt_run) / "checkpoint.safetensors")
+    after = load_file(ckpt(out) / "checkpoint.safetensors")
+    config = json.loads((ckpt(out) / "config.json").read_text())
     assert config["step"] == 4 and config["init_from"] == str(gpt_run)
-    assert config["vocab"] == json.loads((gpt_run / "config.json").read_text())["vocab"]
+    assert config["vocab"] == json.loads((ckpt(gpt_run) / "config.json").read_text())["vocab"]
     for name in ("transformer.wte.weight", "transformer.wpe.weight"):
         np.testing.assert_array_equal(after[name], before[name])
     changed = [k for k in before if not np.array_equal(after[k], before[k])]
     assert "transformer.h.0.attn.c_attn.weight" in changed
     assert len(changed) == len(before) - 2
-    optimizer = load_file(out / "optimizer.safetensors")
+    optimizer = load_file(ckpt(out) / "optimizer.safetensors")
     assert "exp_avg.transformer.wte.weight" not in optimizer
 
 
@@ -203,14 +206,14 @@ def test_init_from_a_transformers_gpt2_fine_tunes_on_its_tokens(
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1),
                                                  torch.from_numpy(y).flatten()).item()
     assert math.isclose(_metrics(out)[0]["train_loss"], expected, rel_tol=1e-5)
-    assert json.loads((out / "config.json").read_text())["model"]["dropout"] == 0.0
+    assert json.loads((ckpt(out) / "config.json").read_text())["model"]["dropout"] == 0.0
     before = {k: v.numpy() for k, v in hf.state_dict().items()}
-    after = load_file(out / "checkpoint.safetensors")
+    after = load_file(ckpt(out) / "checkpoint.safetensors")
     np.testing.assert_array_equal(after["transformer.wte.weight"],
                                   before["transformer.wte.weight"])
     assert not np.array_equal(after["transformer.h.0.mlp.c_fc.weight"],
                               before["transformer.h.0.mlp.c_fc.weight"])
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (ckpt(out) / "tokenizer" / "tokenizer.json").is_file()
     argv = ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--greedy",
             "--max-new-tokens", "24"]
     torch_text = _run(capsys, *argv)
@@ -226,7 +229,7 @@ def test_translation_training_reports_loss_and_bleu(mt_run: Path) -> None:
     evals = [r for r in records if "val_bleu" in r]
     assert [r["step"] for r in evals] == [6, 12]
     assert all(0 <= r["val_bleu"] <= 100 and math.isfinite(r["val_loss"]) for r in evals)
-    config = json.loads((mt_run / "config.json").read_text())
+    config = json.loads((ckpt(mt_run) / "config.json").read_text())
     assert config["src_vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
@@ -278,7 +281,7 @@ def test_translation_trains_with_each_decoder_partial_teacher_forcing_and_dropou
                  "--eval-every", "3", "--attention", attention, "--teacher-forcing", "0.5",
                  "--dropout", "0.2",
                  *SEQ2SEQ[:2], "--model", "lstm", *SEQ2SEQ[4:]]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((ckpt(out) / "config.json").read_text())
     assert config["train"]["teacher_forcing"] == 0.5
     assert config["model"]["attention"] == (None if attention == "none" else attention)
     assert config["model"]["dropout"] == 0.2
@@ -288,9 +291,8 @@ def test_translation_trains_with_each_decoder_partial_teacher_forcing_and_dropou
 def test_a_torch_translation_run_resumes_in_numpy_on_the_same_batches(
         pairs: Path, mt_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    out.mkdir()
-    for name in ("checkpoint.safetensors", "optimizer.safetensors", "config.json"):
-        (out / name).write_bytes((mt_run / name).read_bytes())
+    shutil.copytree(mt_run, out)
+    (out / "metrics.jsonl").unlink()
     assert main(["train", "--out", str(out), "--steps", "14", "--resume",
                  "--backend", "numpy"]) == 0
     assert [r["step"] for r in _metrics(out)] == [13, 14]
@@ -301,23 +303,20 @@ def test_a_torch_translation_run_resumes_in_numpy_on_the_same_batches(
 def test_a_corrupt_checkpoint_file_exits_2_naming_it(gpt_run: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_bytes((gpt_run / "config.json").read_bytes())
-    good = (gpt_run / "checkpoint.safetensors").read_bytes()
-    (bad / "checkpoint.safetensors").write_bytes(good[:len(good) // 2])  # cut short
+    shutil.copytree(gpt_run, bad)
+    good = (ckpt(bad) / "checkpoint.safetensors").read_bytes()
+    (ckpt(bad) / "checkpoint.safetensors").write_bytes(good[:len(good) // 2])  # cut short
     assert main(["generate", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "--checkpoint" in err and "checkpoint.safetensors" in err
+    assert "--checkpoint" in err and "checkpoint.safetensors" in err and "SHA-256" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_a_corrupt_config_exits_2(gpt_run: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text("{not json", encoding="utf-8")
-    (bad / "checkpoint.safetensors").write_bytes((gpt_run / "checkpoint.safetensors")
-                                                 .read_bytes())
+    shutil.copytree(gpt_run, bad)
+    (ckpt(bad) / "config.json").write_text("{not json", encoding="utf-8")
     assert main(["eval", "--checkpoint", str(bad)]) == 2
     assert "config.json" in capsys.readouterr().err
 
@@ -346,8 +345,8 @@ def test_two_torchrun_processes_train_like_one_on_the_same_global_batch(
             "--dtype", "float64", *SEQ2SEQ]
     _torchrun(1, [*argv, "--out", str(tmp_path / "one")])
     _torchrun(2, [*argv, "--out", str(tmp_path / "two")])
-    one = load_file(tmp_path / "one" / "checkpoint.safetensors")
-    two = load_file(tmp_path / "two" / "checkpoint.safetensors")
+    one = load_file(ckpt(tmp_path / "one") / "checkpoint.safetensors")
+    two = load_file(ckpt(tmp_path / "two") / "checkpoint.safetensors")
     assert one.keys() == two.keys()
     for name in one:  # equal up to the order of floating-point sums (float64)
         np.testing.assert_allclose(two[name], one[name], rtol=1e-10, atol=1e-12,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seqtwin.checkpoint import current_checkpoint as ckpt
 from seqtwin.cli import main
 from seqtwin.data import SubwordVocab, lead_baseline, load_summaries, vocab_from_metadata
 from seqtwin.tasks import rouge
@@ -83,7 +84,7 @@ def test_transformer_translation_trains_and_reports_bleu(mt_run: Path) -> None:
     evals = [r for r in records if "val_bleu" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert all(0 <= r["val_bleu"] <= 100 and math.isfinite(r["val_loss"]) for r in evals)
-    config = json.loads((mt_run / "config.json").read_text())
+    config = json.loads((ckpt(mt_run) / "config.json").read_text())
     assert config["model"]["kind"] == "transformer"
     assert config["model"]["max_len"] >= 64
 
@@ -104,7 +105,7 @@ def test_a_subword_vocabulary_is_trained_saved_and_used_by_translate(
     assert main(["train", "--task", "translate", "--data", str(pairs), "--out", str(out),
                  "--steps", "2", "--eval-every", "2", "--vocab", "bpe", "--vocab-size", "200",
                  *TRANSFORMER]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((ckpt(out) / "config.json").read_text())
     vocab = vocab_from_metadata(config["src_vocab"])
     assert isinstance(vocab, SubwordVocab) and len(vocab) <= 200
     assert config["model"]["src_vocab"] == len(vocab)
@@ -118,13 +119,39 @@ def test_a_shared_vocabulary_gives_one_embedding_table(news: Path, tmp_path: Pat
     assert main(["train", "--task", "summarize", "--data", str(news), "--out", str(out),
                  "--steps", "2", "--eval-every", "2", "--max-source-len", "32",
                  "--share-vocab", *TRANSFORMER]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((ckpt(out) / "config.json").read_text())
     assert config["src_vocab"] == config["tgt_vocab"]
     assert config["model"]["share_embeddings"] and config["model"]["tie_embeddings"]
     assert config["model"]["src_vocab"] == config["model"]["tgt_vocab"]
     from safetensors.numpy import load_file
-    names = set(load_file(str(out / "checkpoint.safetensors")))
+    names = set(load_file(str(ckpt(out) / "checkpoint.safetensors")))
     assert "src_embedding.weight" in names and "tgt_embedding.weight" not in names
+
+
+def test_a_pointer_model_trains_with_one_vocabulary_and_both_backends_summarize_alike(
+        news: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pointer"
+    assert main(["train", "--task", "summarize", "--data", str(news), "--out", str(out),
+                 "--steps", "4", "--eval-every", "2", "--max-source-len", "32",
+                 "--pointer", *TRANSFORMER]) == 0
+    config = json.loads((ckpt(out) / "config.json").read_text())
+    assert config["model"]["pointer"] and config["src_vocab"] == config["tgt_vocab"]
+    assert not config["model"]["share_embeddings"]
+    from safetensors.numpy import load_file
+    names = set(load_file(str(ckpt(out) / "checkpoint.safetensors")))
+    assert {"pointer.query.weight", "pointer.gate.weight", "pointer.gate.bias"} <= names
+    assert all(math.isfinite(m["loss"]) for m in _metrics(out) if "loss" in m)
+    text = "the minister said the bank will raise rates again next year"
+    lines = [_run(capsys, "summarize", "--checkpoint", str(out), "--text", text, "--beams",
+                  "2", "--max-len", "6", "--backend", backend) for backend in ("torch", "numpy")]
+    assert lines[0] == lines[1] and lines[0].strip()
+
+
+def test_pointer_with_a_recurrent_model_exits_2(news: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--task", "summarize", "--data", str(news), "--out",
+                 str(tmp_path / "x"), "--steps", "2", "--pointer", "--model", "lstm"]) == 2
+    assert "--pointer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", SubwordVocab.KINDS)
@@ -214,7 +241,7 @@ def test_summarization_trains_and_reports_rouge_beside_the_lead_baseline(
         for key in ("val_rouge1", "val_rouge2", "val_rougeL", "lead_rouge1", "lead_rougeL"):
             assert 0 <= r[key] <= 100, key
     assert evals[0]["lead_rouge1"] > 0
-    config = json.loads((sum_run / "config.json").read_text())
+    config = json.loads((ckpt(sum_run) / "config.json").read_text())
     assert config["target"] == "title" and config["train"]["max_source_len"] == 48
 
 

@@ -44,13 +44,17 @@ class Variant(NamedTuple):
     tie_embeddings: bool = False
     bias: bool = True
     share_embeddings: bool = False
+    pointer: bool = False
 
 
+POINTER = Variant(True, "relu", "sinusoidal", pointer=True)
 VARIANTS = [Variant(), Variant(True, "gelu", "learned", True), Variant(False, "gelu", bias=False),
             Variant(True, "relu", "learned", False, False),
-            Variant(True, "relu", "sinusoidal", True, True, True)]
+            Variant(True, "relu", "sinusoidal", True, True, True), POINTER,
+            Variant(False, "gelu", "learned", True, True, True, True)]
 VARIANT_IDS = ["post-relu-sin", "pre-gelu-learned-tied", "post-gelu-nobias",
-               "pre-relu-learned-nobias", "pre-shared-tied"]
+               "pre-relu-learned-nobias", "pre-shared-tied", "pre-pointer",
+               "post-pointer-shared-tied"]
 
 
 class Shape(NamedTuple):
@@ -65,7 +69,7 @@ def config_of(variant: Variant, dropout: float = 0.0, **sizes: int
     base = dict(src_vocab=11, tgt_vocab=9, d_model=8, nhead=2, num_encoder_layers=2,
                 num_decoder_layers=2, dim_feedforward=12, dropout=dropout, max_len=16)
     base.update(sizes)
-    if variant.share_embeddings:   # one vocabulary
+    if variant.share_embeddings or variant.pointer:   # one vocabulary
         base["tgt_vocab"] = base["src_vocab"]
     return ref.TransformerSeq2SeqConfig(**base, **variant._asdict())
 
@@ -283,7 +287,7 @@ GENERATE_OPTIONS = [
 
 @pytest.mark.parametrize("options", GENERATE_OPTIONS,
                          ids=["greedy", "beam", "beam-early", "sample", "penalties"])
-@pytest.mark.parametrize("variant", VARIANTS[:2], ids=VARIANT_IDS[:2])
+@pytest.mark.parametrize("variant", VARIANTS[:2] + [POINTER], ids=VARIANT_IDS[:2] + ["pointer"])
 def test_generate_is_the_same_in_both_backends(variant: Variant, options: dict) -> None:
     config = config_of(variant)
     params = reference_params(config, 3)
@@ -337,6 +341,57 @@ def test_bad_config_is_refused(backend) -> None:
         backend.TransformerSeq2Seq({"src_vocab": 10})
     with pytest.raises(ValueError, match="share_embeddings"):
         backend.TransformerSeq2SeqConfig(10, 12, share_embeddings=True)
+    with pytest.raises(ValueError, match="pointer"):
+        backend.TransformerSeq2SeqConfig(10, 12, pointer=True)
+    with pytest.raises(TypeError, match="pointer"):
+        backend.TransformerSeq2SeqConfig(10, 10, pointer=1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@given(shape=shapes())
+@example(shape=SINGLE)
+@example(shape=UNEQUAL)
+def test_pointer_gate_interpolates_between_the_generator_and_copying(backend: str,
+                                                                    shape: Shape) -> None:
+    """Gate saturated at "generate": the pointer model's rows are log_softmax of the same
+    model without the pointer; at "copy": all probability sits on the row's source tokens,
+    each getting the copy attention of its positions; always: the rows are distributions."""
+    config = config_of(POINTER)
+    plain = dataclasses.replace(config, pointer=False)
+    params = reference_params(config, shape.seed)
+    inputs = make_inputs(config, shape)
+    outputs = {}
+    for bias in (60.0, -60.0):
+        p = {**params, "pointer.gate.bias": np.array([bias]),
+             "pointer.gate.weight": np.zeros_like(params["pointer.gate.weight"])}
+        if backend == "numpy":
+            (logits, _), _ = ref.transformer_seq2seq_forward(
+                inputs.src, inputs.src_lengths, inputs.tgt_in, p, config)
+            (base, _), _ = ref.transformer_seq2seq_forward(
+                inputs.src, inputs.src_lengths, inputs.tgt_in,
+                {k: v for k, v in p.items() if not k.startswith("pointer.")}, plain)
+        else:
+            t = torch_inputs(inputs, torch.float64)
+            tp = {k: to_torch(v) for k, v in p.items()}
+            (logits, _), _ = tim.transformer_seq2seq_forward(
+                t["src"], t["src_lengths"], t["tgt_in"], tp, tim_config(config))
+            (base, _), _ = tim.transformer_seq2seq_forward(
+                t["src"], t["src_lengths"], t["tgt_in"],
+                {k: v for k, v in tp.items() if not k.startswith("pointer.")}, tim_config(plain))
+            logits, base = logits.numpy(), base.numpy()
+        np.testing.assert_allclose(np.exp(logits).sum(-1), 1.0, rtol=1e-12)
+        outputs[bias] = (logits, base)
+    logits, base = outputs[60.0]
+    shifted = base - base.max(-1, keepdims=True)
+    np.testing.assert_allclose(logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)),
+                               atol=1e-12)
+    logits, _ = outputs[-60.0]
+    for b in range(shape.batch):
+        present = np.zeros(config.tgt_vocab, bool)
+        present[inputs.src[b, :inputs.src_lengths[b]]] = True
+        mass = np.exp(logits[b])
+        np.testing.assert_allclose(mass[:, present].sum(-1), 1.0, rtol=1e-12)
+        assert np.all(mass[:, ~present] < 1e-20)
 
 
 def test_shared_embeddings_are_one_parameter_that_both_sides_read() -> None:

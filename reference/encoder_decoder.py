@@ -359,6 +359,7 @@ class DecoderCache(NamedTuple):
 class TransformerCache(NamedTuple):
     encoder: EncoderCache
     decoder: DecoderCache
+    memory: np.ndarray                 # encoder(src) (B, S, E), read by the decoder
 
 
 # ----------------------------------------------------------------------------- sublayers
@@ -812,15 +813,21 @@ def transformer_forward(
                                        _sub(keep, "encoder."))
     out, decoder = _decoder_forward(tgt, memory, _sub(params, "decoder."), n_dec, tgt_args,
                                     memory_args, opts, _sub(keep, "decoder."))
-    return out, TransformerCache(encoder, decoder)
+    return out, TransformerCache(encoder, decoder, memory)
 
 
-def transformer_backward(dout: np.ndarray, cache: TransformerCache
+def transformer_backward(dout: np.ndarray, cache: TransformerCache,
+                         dmemory: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """(dsrc (B, S, E), dtgt (B, T, E), dparams keyed like params) for dout (B, T, E)."""
+    """(dsrc (B, S, E), dtgt (B, T, E), dparams keyed like params) for dout (B, T, E) and,
+    when something else read the memory (``cache.memory``), its gradient dmemory (B, S, E)."""
     _check_cache(cache, TransformerCache, "transformer_forward")
     _check_dout(dout, *_stack_out_shape(cache.decoder))
-    dtgt, dmemory, ddecoder = _decoder_backward(dout, cache.decoder)
+    if dmemory is not None:
+        dmemory = check_float_array("dmemory", dmemory, cache.memory.shape,
+                                    dtype=cache.memory.dtype, finite=False)
+    dtgt, dmem, ddecoder = _decoder_backward(dout, cache.decoder)
+    dmemory = dmem if dmemory is None else dmem + dmemory
     dsrc, dencoder = _encoder_backward(dmemory, cache.encoder)
     dparams = {f"encoder.{name}": g for name, g in dencoder.items()}
     dparams.update({f"decoder.{name}": g for name, g in ddecoder.items()})

@@ -13,6 +13,18 @@ E = d_model, P the position table (P, E):
              or, with tie_embeddings, h E_tgtᵀ                (the head is the target embedding)
     loss   = cross_entropy(logits, targets)                  mean over targets != ignore_index
 
+With ``pointer`` (a pointer-generator, See et al. 2017; one vocabulary for source and target),
+the decoder may also copy a source token. With m the encoder's output (B, S, E):
+
+    a      = softmax((h W_ptrᵀ) mᵀ / √E, source padding -inf)      (B, T, S)  copy attention
+    g      = σ(h w_gateᵀ + b_gate)                                   (B, T, 1)  P(generate)
+    C[v]   = Σ_{j : src_j = v} a_j                                   (B, T, V)  copied mass
+    p      = g · softmax(logits) + (1 - g) · C
+    logits := log max(p, tiny)                                       the model's output
+
+so the output rows are log-probabilities and the loss (a log_softmax of them) is -log p of
+each target; ``tiny`` is the dtype's smallest normal number (its gradient there is 0).
+
 Positions: "sinusoidal" P[t, 2i] = sin(t / 10000^(2i/E)), P[t, 2i+1] = cos(t / 10000^(2i/E))
 (a constant), or "learned" (the parameter ``pos_embedding.weight`` (max_len, E)), shared by
 source and target. Target padding is handled by the loss alone (PAD = 0): the decoder is
@@ -22,7 +34,8 @@ Parameter names: ``src_embedding.weight`` (V_src, E), ``tgt_embedding.weight`` (
 with share_embeddings, where the target reads the source's: one vocabulary, one table),
 ``pos_embedding.weight`` (learned positions only), ``transformer.<torch.nn.Transformer
 names>`` and, unless tied, ``head.weight`` (V_tgt, E) and ``head.bias`` (V_tgt,) (no bias with
-``bias=False``).
+``bias=False``); with ``pointer`` also ``pointer.query.weight`` (E, E), ``pointer.gate.weight``
+(1, E) and ``pointer.gate.bias`` (1,).
 
 Dropout (rate p, explicit bool keep-masks): "src_embedding" (B, S, E), "tgt_embedding"
 (B, T, E) and the Transformer's sites under "transformer." (``transformer_seq2seq_dropout_
@@ -34,7 +47,8 @@ into heads (B, h, S, d); each row's beams share them. Each decoder layer keeps a
 self-attention key and value cache (N, h, capacity, d) written at slot t. A step feeds one
 token per row at position t, y_t = E_tgt[token] · √E + P[t], and runs every decoder layer on
 that position alone: its self-attention over slots 0..t, its cross-attention over K_c, V_c,
-and its feed-forward: the full forward's equations restricted to the last position.
+and its feed-forward: the full forward's equations restricted to the last position; with
+``pointer`` the memory and the source ids are kept for the copy attention.
 """
 
 from __future__ import annotations
@@ -89,6 +103,7 @@ class TransformerSeq2SeqConfig:
     positions: str = "sinusoidal"
     tie_embeddings: bool = False
     share_embeddings: bool = False   # one embedding for source and target (one vocabulary)
+    pointer: bool = False            # copy source tokens (pointer-generator; one vocabulary)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "d_model", "nhead", "num_encoder_layers",
@@ -103,7 +118,7 @@ class TransformerSeq2SeqConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"layer_norm_eps: expected a positive float, got {eps!r}")
-        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings"):
+        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings", "pointer"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
@@ -112,6 +127,9 @@ class TransformerSeq2SeqConfig:
                              f"got {self.positions!r}")
         if self.share_embeddings and self.src_vocab != self.tgt_vocab:
             raise ValueError(f"share_embeddings: needs one vocabulary for source and target, "
+                             f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
+        if self.pointer and self.src_vocab != self.tgt_vocab:
+            raise ValueError(f"pointer: copying needs one vocabulary for source and target, "
                              f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
 
     @property
@@ -141,6 +159,9 @@ def transformer_seq2seq_param_shapes(config: TransformerSeq2SeqConfig
         shapes["head.weight"] = (c.tgt_vocab, E)
         if c.bias:
             shapes["head.bias"] = (c.tgt_vocab,)
+    if c.pointer:
+        shapes.update({"pointer.query.weight": (E, E), "pointer.gate.weight": (1, E),
+                       "pointer.gate.bias": (1,)})
     return shapes
 
 
@@ -241,6 +262,77 @@ class TransformerSeq2SeqCache(NamedTuple):
     config: TransformerSeq2SeqConfig
     src_len: int
     tgt_len: int
+    pointer: PointerCache | None
+
+
+class PointerCache(NamedTuple):
+    h: np.ndarray          # decoder output (B, T, E)
+    memory: np.ndarray     # (B, S, E)
+    src: np.ndarray        # (B, S) ids
+    w_query: np.ndarray    # W_ptr (E, E)
+    w_gate: np.ndarray     # w_gate (1, E)
+    q: np.ndarray          # h W_ptrᵀ
+    a: np.ndarray          # copy attention (B, T, S)
+    g: np.ndarray          # P(generate) (B, T, 1)
+    P: np.ndarray          # softmax(logits) (B, T, V)
+    C: np.ndarray          # copied mass (B, T, V)
+    p: np.ndarray          # g P + (1 - g) C, before the floor
+
+
+def _scatter_copies(a: np.ndarray, src: np.ndarray, V: int) -> np.ndarray:
+    """C[b, t, v] = Σ_{j : src[b, j] = v} a[b, t, j]."""
+    B, T, S = a.shape
+    index = (np.arange(B * T).reshape(B, T, 1) * V + src[:, None, :]).ravel()
+    C = np.bincount(index, weights=a.ravel(), minlength=B * T * V)
+    return C.reshape(B, T, V).astype(a.dtype, copy=False)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(z))                       # no overflow for either sign
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def pointer_forward(h: np.ndarray, memory: np.ndarray, src: np.ndarray, padding: np.ndarray,
+                    logits: np.ndarray, params: Mapping[str, np.ndarray]
+                    ) -> tuple[np.ndarray, PointerCache]:
+    """The pointer-generator's output log max(p, tiny) (B, T, V) from the decoder output h
+    (B, T, E), the memory (B, S, E), the source ids (B, S) with padding (B, S) True at pads
+    (every row has a key) and the generator's logits (B, T, V); equations in the module
+    docstring."""
+    E = h.shape[-1]
+    w_query, w_gate = params["pointer.query.weight"], params["pointer.gate.weight"]
+    q = h @ w_query.T
+    scores = np.einsum("bte,bse->bts", q, memory) / math.sqrt(E)
+    a = softmax(np.where(padding[:, None, :], -np.inf, scores), axis=-1)
+    g = _sigmoid(h @ w_gate.T + params["pointer.gate.bias"])
+    P = softmax(logits, axis=-1)
+    C = _scatter_copies(a, src, logits.shape[-1])
+    p = g * P + (1.0 - g) * C
+    out = np.log(np.maximum(p, np.finfo(p.dtype).tiny))
+    return out, PointerCache(h, memory, src, w_query, w_gate, q, a, g, P, C, p)
+
+
+def pointer_backward(dout: np.ndarray, cache: PointerCache
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """-> (dh, dmemory, dlogits, dparams of the pointer.* weights) for dout (B, T, V)."""
+    h, m, a, g, P, C, p = cache.h, cache.memory, cache.a, cache.g, cache.P, cache.C, cache.p
+    tiny = np.finfo(p.dtype).tiny
+    dp = np.where(p > tiny, dout / np.maximum(p, tiny), 0.0)      # out = log p above the floor
+    dP = g * dp                                                     # p = g P + (1 - g) C
+    dlogits = P * (dP - (P * dP).sum(axis=-1, keepdims=True))       # P = softmax(logits)
+    T = a.shape[1]
+    dC = (1.0 - g) * dp                                             # C gathers a by source id
+    da = np.take_along_axis(dC, np.repeat(cache.src[:, None, :], T, axis=1), axis=-1)
+    dz = (dp * (P - C)).sum(axis=-1, keepdims=True) * g * (1.0 - g)  # g = σ(z)
+    ds = a * (da - (a * da).sum(axis=-1, keepdims=True)) / math.sqrt(h.shape[-1])
+    dq = np.einsum("bts,bse->bte", ds, m)                           # scores = q mᵀ / √E
+    dmemory = np.einsum("bts,bte->bse", ds, cache.q)
+    dh = dq @ cache.w_query + dz @ cache.w_gate
+    E = h.shape[-1]
+    grads = {"pointer.query.weight": dq.reshape(-1, E).T @ h.reshape(-1, E),
+             "pointer.gate.weight": dz.reshape(-1, 1).T @ h.reshape(-1, E),
+             "pointer.gate.bias": dz.reshape(-1, 1).sum(axis=0)}
+    return dh, dmemory, dlogits.astype(h.dtype, copy=False), grads
 
 
 def _embed(ids: np.ndarray, weight: np.ndarray, positions: np.ndarray, scale: float,
@@ -295,11 +387,14 @@ def transformer_seq2seq_forward(src: np.ndarray, src_lengths: np.ndarray | None,
         logits, head = linear_forward(h, params[config.tgt_embedding_key])
     else:
         logits, head = linear_forward(h, params["head.weight"], params.get("head.bias"))
+    pointer = None
+    if config.pointer:
+        logits, pointer = pointer_forward(h, t_cache.memory, src, padding, logits, params)
     loss, loss_cache = None, None
     if targets is not None:
         loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index=ignore_index)
     return (logits, loss), TransformerSeq2SeqCache(src_e, tgt_e, src_d, tgt_d, t_cache, head,
-                                                   loss_cache, config, S, T)
+                                                   loss_cache, config, S, T, pointer)
 
 
 def transformer_seq2seq_backward(cache: TransformerSeq2SeqCache,
@@ -317,9 +412,15 @@ def transformer_seq2seq_backward(cache: TransformerSeq2SeqCache,
         d = check_float_array("dlogits", dlogits, logits_shape, dtype=h.dtype, finite=False)
     if cache.loss is not None:
         d = d + cross_entropy_backward(dloss, cache.loss)              # loss = CE(logits)
+    dh_pointer, dmemory, pointer_grads = None, None, {}
+    if cache.pointer is not None:                                      # logits = pointer(...)
+        dh_pointer, dmemory, d, pointer_grads = pointer_backward(d, cache.pointer)
     dh, dw_head, db_head = linear_backward(d, cache.head)              # logits = h Wᵀ + b
-    dx, dy, dtransformer = transformer_backward(dh, cache.transformer)
+    if dh_pointer is not None:
+        dh = dh + dh_pointer
+    dx, dy, dtransformer = transformer_backward(dh, cache.transformer, dmemory)
     grads = {"transformer." + k: v for k, v in dtransformer.items()}
+    grads.update(pointer_grads)
     scale = math.sqrt(c.d_model)
     if cache.src_dropout is not None:
         dx = dropout_backward(dx, cache.src_dropout)
@@ -508,6 +609,9 @@ class _TransformerSeq2SeqSession:
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.memory_mask: np.ndarray | None = None
+        self.memory: np.ndarray | None = None          # pointer: (N, S, E), ids and padding
+        self.copy_src: np.ndarray | None = None
+        self.copy_padding: np.ndarray | None = None
         self.t = 0
 
     def start(self, ids: np.ndarray, mask: np.ndarray | None, expand: int) -> np.ndarray:
@@ -535,6 +639,10 @@ class _TransformerSeq2SeqSession:
         # 0 on a row's keys, -inf on its padding (every source has a key: lengths >= 1)
         self.memory_mask = np.repeat(np.where(padding, -np.inf, 0.0).astype(dtype), expand,
                                      axis=0)
+        if c.pointer:
+            self.memory = np.repeat(memory, expand, axis=0)
+            self.copy_src = np.repeat(self.src, expand, axis=0)
+            self.copy_padding = np.repeat(padding, expand, axis=0)
         self.t = 0
         return self.step(np.repeat(ids[:, 0], expand))
 
@@ -582,8 +690,14 @@ class _TransformerSeq2SeqSession:
         x = _layer_norm(x, p, "transformer.decoder.norm", eps)
         self.t += 1
         if c.tie_embeddings:
-            return x @ p[c.tgt_embedding_key].T
-        return _linear(x, p["head.weight"], p.get("head.bias"))
+            logits = x @ p[c.tgt_embedding_key].T
+        else:
+            logits = _linear(x, p["head.weight"], p.get("head.bias"))
+        if not c.pointer:
+            return logits
+        out, _ = pointer_forward(x[:, None], self.memory, self.copy_src, self.copy_padding,
+                                 logits[:, None], p)
+        return out[:, 0]
 
     def reorder(self, index: np.ndarray) -> None:
         t = self.t

@@ -12,8 +12,11 @@
 
 ``--backend numpy|torch`` picks ``reference`` or ``torch_impl``, imported lazily. Checkpoints
 (``seqtwin/checkpoint.py``) are NumPy arrays in safetensors files plus ``config.json``, so
-either backend loads what the other saved. Training batches are a pure function of (seed,
-step), so ``--resume`` continues the exact batch stream, with the saved settings.
+either backend loads what the other saved; each save writes a whole new checkpoint and makes
+it current in one atomic rename, so a run killed at any moment resumes from a complete one.
+Training batches are a pure function of (seed, step) and the checkpoint keeps the dropout
+random-number state, so ``--resume`` continues the exact run, with the saved settings: one
+process resumed is bit for bit the run that was never stopped.
 
 Under ``torchrun --nproc_per_node N -m seqtwin.cli train ...`` the torch backend trains with
 DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws the same global batch of
@@ -41,11 +44,16 @@ import numpy as np
 
 from . import tasks as tk
 from .checkpoint import (
+    CHECKPOINTS,
+    CURRENT,
     CheckpointError,
+    MetricsLog,
     atomic_write,
+    clean_stale,
     has_checkpoint,
     load_checkpoint,
     load_optimizer_buffers,
+    read_metrics,
     save_checkpoint,
 )
 from .data import (
@@ -63,6 +71,7 @@ from .data import (
     resolve_corpus,
     vocab_from_metadata,
 )
+from .schema import check_checkpoint_config
 
 TASKS = ("char-lm", "translate", "summarize")
 CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA,
@@ -70,6 +79,8 @@ CORPORA = {"tinyshakespeare": TINY_SHAKESPEARE, "eng-fra": ENG_FRA,
 DEFAULT_DATA = {"char-lm": "tinyshakespeare", "translate": "eng-fra", "summarize": "bbc-news"}
 TRANSFORMER_MIN_POSITIONS = 64  # a translation Transformer's positions: this or the data's
 CLIP_NORM = 1.0
+EVAL_EVERY = 50
+LOG_EVERY = 10
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -160,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="translate, summarize: one vocabulary for source and target; the "
                             "transformer then uses one embedding table for its encoder, "
                             "decoder and output layer")
+    train.add_argument("--pointer", action="store_true",
+                       help="transformer: a pointer-generator that can copy source words into "
+                            "the output (one vocabulary for source and target)")
     train.add_argument("--vocab-size", type=_int_at_least(8), default=8000,
                        help="--vocab bpe/unigram: pieces per side, specials included")
     train.add_argument("--target", choices=SUMMARY_TARGETS, default="title",
@@ -188,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="linear warmup steps (default min(100, steps // 10))")
     train.add_argument("--weight-decay", type=_float_in(0.0, math.inf), default=1e-2)
     train.add_argument("--seed", type=_int_at_least(0), default=0)
-    train.add_argument("--eval-every", type=_int_at_least(1), default=50)
-    train.add_argument("--log-every", type=_int_at_least(1), default=10,
-                       help="steps between progress lines when tqdm is not installed")
+    train.add_argument("--eval-every", type=_int_at_least(1), default=None,
+                       help=f"steps between evaluations and checkpoints (default "
+                            f"{EVAL_EVERY}; with --resume: the run's)")
+    train.add_argument("--log-every", type=_int_at_least(1), default=None,
+                       help=f"steps between progress lines when tqdm is not installed "
+                            f"(default {LOG_EVERY}; with --resume: the run's)")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     start.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -404,7 +421,11 @@ def _model_config_from_args(args: argparse.Namespace, task: str, vocab: dict[str
                 "num_decoder_layers": args.layers, "dim_feedforward": args.ffn or 4 * args.embed,
                 "dropout": args.dropout or 0.0, "norm_first": args.norm_first,
                 "max_len": vocab["positions"], "positions": args.positions,
-                "share_embeddings": args.share_vocab, "tie_embeddings": args.share_vocab}
+                "share_embeddings": args.share_vocab, "tie_embeddings": args.share_vocab,
+                "pointer": args.pointer}
+    if args.pointer:
+        raise UsageError(f"--pointer: only the transformer copies source words, "
+                         f"got --model {args.model}")
     return {"kind": "seq2seq", "src_vocab": vocab["src"], "tgt_vocab": vocab["tgt"],
             "embed_size": args.embed, "hidden_size": args.hidden, "num_layers": args.layers,
             "cell": args.model, "bidirectional": args.bidirectional,
@@ -437,10 +458,10 @@ def _make_task(name: str, data: str, settings: dict[str, Any],
         if metadata is not None:
             src_vocab = vocab_from_metadata(metadata["src_vocab"])
             tgt_vocab = vocab_from_metadata(metadata["tgt_vocab"])
-        elif args is not None and (args.vocab != "word" or args.share_vocab):
+        elif args is not None and (args.vocab != "word" or args.share_vocab or args.pointer):
             # learned from the training split only: one vocabulary per side, or one for both
             sides = ([a for a, _ in pairs.train_pairs], [b for _, b in pairs.train_pairs])
-            if args.share_vocab:
+            if args.share_vocab or args.pointer:
                 sides = (sides[0] + sides[1],)
             if args.vocab == "word":
                 vocabs = [WordVocab(text, 2 if name == "summarize" else 1) for text in sides]
@@ -504,19 +525,21 @@ def _load_hf_gpt2(directory: Path, argument: str) -> tuple[dict, dict[str, np.nd
     return config, dict(model.params)
 
 
-def _load(directory: str, argument: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, parameters) of a seqtwin checkpoint (or, for --init-from, a Hugging Face
-    GPT-2 directory); a tokenizer the checkpoint names is loaded into config["tokenizer"]."""
+def _load(directory: str, argument: str) -> tuple[dict, dict[str, np.ndarray], Path | None]:
+    """(config, parameters, the checkpoint's own directory) of a seqtwin run directory (or,
+    for --init-from, a Hugging Face GPT-2 directory, whose directory is None); a tokenizer
+    the checkpoint names is loaded into config["tokenizer"]."""
     path = Path(directory).expanduser()
     if argument == "--init-from" and _is_hf_gpt2(path):
-        return _load_hf_gpt2(path, argument)
+        return (*_load_hf_gpt2(path, argument), None)
     try:
-        config, params = load_checkpoint(path)
+        config, params, where = load_checkpoint(path)
+        check_checkpoint_config(config, params, str(where / "config.json"))
         if "tokenizer" in config:
-            config["tokenizer"] = tk.TokenizerVocab.load(path / config["tokenizer"])
+            config["tokenizer"] = tk.TokenizerVocab.load(where / config["tokenizer"])
     except (CheckpointError, ImportError, ValueError) as err:
         raise UsageError(f"{argument}: {err}") from None
-    return config, params
+    return config, params, where
 
 
 def _metadata(config: dict[str, Any]) -> dict[str, Any]:
@@ -545,8 +568,7 @@ def _plot_losses(out: Path, unit: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "note: matplotlib is not installed, skipped loss.png (pip install 'seqtwin[cli]')"
-    records = [json.loads(line) for line in
-               (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot([r["step"] for r in records], [r["train_loss"] for r in records], label="train")
     evals = [r for r in records if "val_loss" in r]
@@ -566,7 +588,40 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             "weight_decay": args.weight_decay, "clip_norm": CLIP_NORM,
             "teacher_forcing": args.teacher_forcing, "max_len": args.max_len,
             "freeze_embeddings": args.freeze_embeddings, "target": args.target,
-            "max_source_len": args.max_source_len}
+            "max_source_len": args.max_source_len,
+            "eval_every": EVAL_EVERY if args.eval_every is None else args.eval_every,
+            "log_every": LOG_EVERY if args.log_every is None else args.log_every}
+
+
+RUN_NAMES = {CURRENT, CHECKPOINTS, "metrics.jsonl", "loss.png"}
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """--out: a new or empty directory, or a seqtwin run directory (with --resume: one with a
+    checkpoint); anything else exits 2 before any file is written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} is a file; expected a directory for the "
+                         f"checkpoints")
+    if resume:
+        return  # _load says what is wrong with the directory
+    if has_checkpoint(out):
+        raise UsageError(f"--out: {str(out)!r} already holds a checkpoint; pass --resume to "
+                         f"continue it or choose another --out")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out: {str(out)!r} is not writable")
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in RUN_NAMES and not p.name.endswith(".part"))
+        if foreign:
+            raise UsageError(f"--out: {str(out)!r} exists and is not a seqtwin run directory "
+                             f"(it holds {', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty "
+                             f"directory")
+    else:
+        parent = next((p for p in out.parents if p.exists()), Path("."))
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--out: cannot create {str(out)!r} ({str(parent)!r} is not a "
+                             f"writable directory)")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -581,22 +636,25 @@ def train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, dist: Distributed) -> int:
     out = Path(args.out).expanduser()
-    if has_checkpoint(out) and not args.resume:
-        raise UsageError(f"--out: {str(out)!r} already holds a checkpoint; pass --resume to "
-                         f"continue it or choose another --out")
+    _check_out(out, args.resume)
     base, saved, optimizer_buffers = None, None, None
     if args.resume:
-        base, saved = _load(args.out, "--resume")
-        settings = dict(base["train"], steps=args.steps)  # the run's own settings
+        base, saved, where = _load(args.out, "--resume")
+        # the run's own settings; --eval-every / --log-every given now override the saved
+        settings = {"eval_every": EVAL_EVERY, "log_every": LOG_EVERY, **base["train"],
+                    "steps": args.steps}
+        for name in ("eval_every", "log_every"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
         start, dtype = base["step"], base["dtype"]
         try:
-            optimizer_buffers = load_optimizer_buffers(out)
+            optimizer_buffers = load_optimizer_buffers(where)
         except CheckpointError as err:
             raise UsageError(f"--resume: {err}") from None
     else:
         settings, start, dtype = _settings(args), 0, args.dtype
         if args.init_from:
-            base, saved = _load(args.init_from, "--init-from")
+            base, saved, _ = _load(args.init_from, "--init-from")
             if args.dropout is not None and "dropout" in base["model"]:
                 base["model"]["dropout"] = args.dropout  # a rate, not a size: may change
     name = base["task"] if base else (args.task or "char-lm")
@@ -632,6 +690,12 @@ def _train(args: argparse.Namespace, dist: Distributed) -> int:
         for kind, arrays in optimizer_buffers.items():
             state[kind] = tk.arrays_like(args.backend, arrays, trainable)
         optimizer.load_state_dict(state)
+    if args.resume and "rng" in base:
+        try:
+            tk.set_rng_state(args.backend, model, base["rng"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"--resume: its random-number state does not fit the model: "
+                             f"{err}") from None
     runner = dist.wrap(model) if args.backend == "torch" else model
 
     config = {"task": name, "model": task.model_config, "dtype": dtype, **task.metadata(),
@@ -640,15 +704,19 @@ def _train(args: argparse.Namespace, dist: Distributed) -> int:
               else args.init_from, "train": settings}
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        if isinstance(getattr(task, "vocab", None), tk.TokenizerVocab):
-            task.vocab.tokenizer.save_pretrained(str(out / tk.TOKENIZER_DIR))
+        clean_stale(out)       # what a killed save left behind
+    extra = None
+    if isinstance(getattr(task, "vocab", None), tk.TokenizerVocab):
+        def extra(directory: Path) -> None:
+            task.vocab.tokenizer.save_pretrained(str(directory / tk.TOKENIZER_DIR))
 
     def checkpoint(step: int) -> None:
         config["step"] = step
+        config["rng"] = tk.rng_state(args.backend, model)
         save_checkpoint(out, config, {k: tk.to_numpy(v) for k, v in params.items()},
                         {kind: {k: tk.to_numpy(v) for k, v in buffers.items()}
                          for kind, buffers in optimizer.state_dict().items()
-                         if kind != "step"})
+                         if kind != "step"}, extra)
 
     return _loop(args, dist, task, model, runner, optimizer, trainable, settings, start, out,
                  checkpoint, sq)
@@ -685,7 +753,9 @@ def _loop(args: argparse.Namespace, dist: Distributed, task: Any, model: Any, ru
     step, loss, metrics_now = start, float("nan"), {}
     tick, tick_tokens = time.perf_counter(), 0
     began = tick  # "seconds" in metrics.jsonl: wall time of this invocation, evaluations included
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.main else None
+    metrics = MetricsLog(out / "metrics.jsonl", start if args.resume else None) \
+        if dist.main else None
+    eval_every, log_every = settings["eval_every"], settings["log_every"]
     try:
         for step in steps:
             optimizer.lr = sq.cosine_schedule(step, lr, warmup, steps_total, min_lr=lr / 10)
@@ -699,17 +769,18 @@ def _loop(args: argparse.Namespace, dist: Distributed, task: Any, model: Any, ru
                 continue
             record: dict[str, Any] = {"step": done, "train_loss": loss, "lr": optimizer.lr,
                                       "seconds": round(time.perf_counter() - began, 3)}
-            if done % args.eval_every == 0 or done == steps_total:
+            evaluate = done % eval_every == 0 or done == steps_total
+            if evaluate:
                 metrics_now = task.evaluate(args.backend, model, dist.device,
                                             seed=settings["seed"], full=False)
                 record.update(metrics_now)
+            metrics.write(record)    # before the checkpoint: a resume drops lines past it
+            if evaluate:
                 checkpoint(done)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
             if is_bar:
                 steps.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                   **{k: f"{v:.3f}" for k, v in metrics_now.items()})
-            elif done % args.log_every == 0 or "val_loss" in record:
+            elif done % log_every == 0 or "val_loss" in record:
                 shown = "".join(f" | {k} {v:.4f}" for k, v in metrics_now.items()
                                 if k in record)
                 print(f"step {done:>6} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s{shown}",
@@ -741,7 +812,7 @@ def _inference_model(args: argparse.Namespace, task_name: str | None,
     """(config, model in eval mode) of ``--checkpoint``; its task must be ``task_name``
     unless that is None."""
     _check_device(args.backend, args.device)
-    config, saved = _load(args.checkpoint, "--checkpoint")
+    config, saved, _ = _load(args.checkpoint, "--checkpoint")
     if task_name and config["task"] != task_name:
         raise UsageError(f"--checkpoint: its task is {config['task']!r}; `seqtwin "
                          f"{args.command}` needs a {task_name!r} checkpoint")

@@ -118,6 +118,59 @@ def load_arrays(backend: str, model: Any, arrays: Mapping[str, np.ndarray]) -> N
     model.load_state_dict(arrays_like(backend, arrays, parameters(backend, model)))
 
 
+def _generators(obj: Any, seen: set[int]) -> Iterator[np.random.Generator]:
+    """Every NumPy Generator a reference model holds, in a fixed order (attribute names)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.random.Generator):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _generators(item, seen)
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from _generators(obj[key], seen)
+    elif type(obj).__module__.startswith("reference") and hasattr(obj, "__dict__"):
+        for key in sorted(vars(obj)):
+            yield from _generators(vars(obj)[key], seen)
+
+
+def rng_state(backend: str, model: Any) -> dict[str, Any]:
+    """The random-number state dropout draws from, as JSON: the NumPy model's Generators, or
+    torch's CPU (and CUDA) generator state as hex."""
+    if backend == "numpy":
+        return {"numpy": [g.bit_generator.state for g in _generators(model, set())]}
+    import torch
+    state = {"torch": torch.get_rng_state().numpy().tobytes().hex()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes().hex()
+    return state
+
+
+def set_rng_state(backend: str, model: Any, state: Mapping[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (a state saved by the other backend is ignored:
+    the two draw different streams anyway)."""
+    if backend == "numpy":
+        saved = state.get("numpy")
+        if saved is None:
+            return
+        generators = list(_generators(model, set()))
+        if len(saved) != len(generators):
+            raise ValueError(f"rng.numpy: {len(saved)} saved generator states for the "
+                             f"model's {len(generators)}")
+        for g, s in zip(generators, saved):
+            g.bit_generator.state = s
+        return
+    import torch
+    if "torch" in state:
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(state["torch"]),
+                                                           dtype=np.uint8).copy()))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(bytes.fromhex(state["cuda"]),
+                                                                dtype=np.uint8).copy()))
+
+
 def embedding_names(model_config: Mapping[str, Any]) -> list[str]:
     """The parameters ``--freeze-embeddings`` keeps fixed. GPT's head is tied to wte, so
     freezing wte freezes the output layer too."""

@@ -401,6 +401,7 @@ class TransformerCache(NamedTuple):
     encoder: EncoderCache               # memory = encoder(src)
     decoder: DecoderCache               # out = decoder(tgt, memory)
     param_keys: tuple[str, ...]
+    memory: Tensor                      # encoder(src) (B, S, E)
 
 # ----------------------------------------------------------------------------- functional blocks
 
@@ -856,20 +857,25 @@ def transformer_forward(
                                        keys)
     out, decoder = _decoder_forward(tgt, memory, params, "decoder.", nd, opts, self_m, cross_m,
                                     dropout_masks, keys)
-    return out, TransformerCache(encoder, decoder, keys)
+    return out, TransformerCache(encoder, decoder, keys, memory)
 
 
 @torch.no_grad()
-def transformer_backward(dout: Tensor, cache: TransformerCache
+def transformer_backward(dout: Tensor, cache: TransformerCache, dmemory: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(dsrc (B, S, E), dtgt (B, T, E), dparams keyed like params) for dout (B, T, E): the
-    memory's gradient, summed over every decoder layer, flows back through the encoder."""
+    """(dsrc (B, S, E), dtgt (B, T, E), dparams keyed like params) for dout (B, T, E) and,
+    when something else read the memory (``cache.memory``), its gradient dmemory (B, S, E):
+    the memory's gradient, summed over every decoder layer, flows back through the encoder."""
     if not isinstance(cache, TransformerCache):
         raise TypeError(f"cache: expected the TransformerCache of transformer_forward, "
                         f"got {type(cache).__name__}")
     _check_dout(dout, cache.decoder.layers[0].self_attn.attention.q_proj.x)
+    if dmemory is not None:
+        dmemory = check_float_tensor("dmemory", dmemory, tuple(cache.memory.shape),
+                                     dtype=cache.memory.dtype, finite=False)
     dparams: dict[str, Tensor] = {}
-    dtgt, dmemory = _decoder_backward(dout, cache.decoder, "decoder.", dparams)
+    dtgt, dmem = _decoder_backward(dout, cache.decoder, "decoder.", dparams)
+    dmemory = dmem if dmemory is None else dmem + dmemory
     dsrc = _encoder_backward(dmemory, cache.encoder, "encoder.", dparams)
     return dsrc, dtgt, _ordered(dparams, cache.param_keys)
 
@@ -1270,9 +1276,11 @@ class Transformer(nn.Module):
                 tgt_key_padding_mask: Tensor | None = None,
                 memory_key_padding_mask: Tensor | None = None, src_is_causal: bool = False,
                 tgt_is_causal: bool = False, memory_is_causal: bool = False,
-                dropout_masks: Mapping[str, Tensor] | None = None) -> Tensor:
+                dropout_masks: Mapping[str, Tensor] | None = None, *,
+                return_memory: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """out (B, T, E) for src (B, S, E), tgt (B, T, E); masks as in the module docstring,
         dropout_masks keyed as ``transformer_dropout_mask_shapes`` (train mode only).
+        return_memory: -> (out, memory (B, S, E)), the encoder's output the decoder read.
 
         Validates everything once, the weights included; the layers trust it."""
         dtype = _check_weights(self)
@@ -1292,5 +1300,6 @@ class Transformer(nn.Module):
                          for k, s in self.decoder._mask_shapes(B, T, S).items()})
         masks = _module_masks(self, dropout_masks, expected)
         memory = self.encoder._run(src.reshape(B * S, -1), B, src_m, masks, "encoder.")
-        return self.decoder._run(tgt.reshape(B * T, -1), memory, B, self_m, cross_m, masks,
-                                 "decoder.").view(tgt.shape)
+        out = self.decoder._run(tgt.reshape(B * T, -1), memory, B, self_m, cross_m, masks,
+                                "decoder.").view(tgt.shape)
+        return (out, memory.view(src.shape)) if return_memory else out

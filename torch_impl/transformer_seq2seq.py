@@ -13,6 +13,10 @@ lengths n_b, teacher-forced target input tgt_in (B, T), E = d_model, P the posit
              or, with tie_embeddings, h E_tgtᵀ                (the head is the target embedding)
     loss   = cross_entropy(logits, targets)                  mean over targets != ignore_index
 
+With ``pointer`` (a pointer-generator; one vocabulary), logits := log max(p, tiny) with
+p = g · softmax(logits) + (1 - g) · C, the copied mass C of the copy attention over the memory
+and the gate g, as in the reference module's docstring.
+
 Positions: "sinusoidal" P[t, 2i] = sin(t / 10000^(2i/E)), P[t, 2i+1] = cos(t / 10000^(2i/E))
 (a buffer, not a parameter), or "learned" (``pos_embedding.weight`` (max_len, E)), shared by
 source and target. Parameter names, dropout sites and the decoding equations as in the
@@ -80,6 +84,7 @@ class TransformerSeq2SeqConfig:
     positions: str = "sinusoidal"
     tie_embeddings: bool = False
     share_embeddings: bool = False   # one embedding for source and target (one vocabulary)
+    pointer: bool = False            # copy source tokens (pointer-generator; one vocabulary)
 
     def __post_init__(self) -> None:
         for name in ("src_vocab", "tgt_vocab", "d_model", "nhead", "num_encoder_layers",
@@ -94,7 +99,7 @@ class TransformerSeq2SeqConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"layer_norm_eps: expected a positive float, got {eps!r}")
-        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings"):
+        for name in ("norm_first", "bias", "tie_embeddings", "share_embeddings", "pointer"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got "
                                 f"{type(getattr(self, name)).__name__}")
@@ -103,6 +108,9 @@ class TransformerSeq2SeqConfig:
                              f"got {self.positions!r}")
         if self.share_embeddings and self.src_vocab != self.tgt_vocab:
             raise ValueError(f"share_embeddings: needs one vocabulary for source and target, "
+                             f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
+        if self.pointer and self.src_vocab != self.tgt_vocab:
+            raise ValueError(f"pointer: copying needs one vocabulary for source and target, "
                              f"got src_vocab {self.src_vocab} and tgt_vocab {self.tgt_vocab}")
 
     @property
@@ -132,6 +140,9 @@ def transformer_seq2seq_param_shapes(config: TransformerSeq2SeqConfig
         shapes["head.weight"] = (c.tgt_vocab, E)
         if c.bias:
             shapes["head.bias"] = (c.tgt_vocab,)
+    if c.pointer:
+        shapes.update({"pointer.query.weight": (E, E), "pointer.gate.weight": (1, E),
+                       "pointer.gate.bias": (1,)})
     return shapes
 
 
@@ -247,6 +258,62 @@ class TransformerSeq2SeqCache(NamedTuple):
     src_len: int
     tgt_len: int
     names: tuple                     # params keys, in order, for the order of dparams
+    pointer: PointerCache | None
+
+
+class PointerCache(NamedTuple):
+    h: Tensor              # decoder output (B, T, E)
+    memory: Tensor         # (B, S, E)
+    index: Tensor          # source ids broadcast to (B, T, S)
+    w_query: Tensor        # W_ptr (E, E)
+    w_gate: Tensor         # w_gate (1, E)
+    q: Tensor              # h W_ptrᵀ
+    a: Tensor              # copy attention (B, T, S)
+    g: Tensor              # P(generate) (B, T, 1)
+    P: Tensor              # softmax(logits) (B, T, V)
+    C: Tensor              # copied mass (B, T, V)
+    p: Tensor              # g P + (1 - g) C, before the floor
+
+
+def pointer_forward(h: Tensor, memory: Tensor, src: Tensor, padding: Tensor, logits: Tensor,
+                    w_query: Tensor, w_gate: Tensor, b_gate: Tensor
+                    ) -> tuple[Tensor, PointerCache]:
+    """The pointer-generator's output log max(p, tiny) (B, T, V) from the decoder output h
+    (B, T, E), the memory (B, S, E), the source ids (B, S) with padding (B, S) True at pads
+    (every row has a key) and the generator's logits (B, T, V). Differentiable under autograd
+    (the module's path); ``pointer_backward`` is its hand-written backward."""
+    B, T, E = h.shape
+    q = h @ w_query.t()
+    scores = (q @ memory.transpose(1, 2)) / math.sqrt(E)
+    a = torch.softmax(scores.masked_fill(padding[:, None, :], float("-inf")), dim=-1)
+    g = torch.sigmoid(h @ w_gate.t() + b_gate)
+    P = torch.softmax(logits, dim=-1)
+    index = src[:, None, :].expand(B, T, src.shape[1])
+    C = torch.zeros_like(P).scatter_add(-1, index, a)
+    p = g * P + (1.0 - g) * C
+    out = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+    return out, PointerCache(h, memory, index, w_query, w_gate, q, a, g, P, C, p)
+
+
+def pointer_backward(dout: Tensor, cache: PointerCache
+                     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """-> (dh, dmemory, dlogits, dparams of the pointer.* weights) for dout (B, T, V)."""
+    h, m, a, g, P, C, p = cache.h, cache.memory, cache.a, cache.g, cache.P, cache.C, cache.p
+    tiny = torch.finfo(p.dtype).tiny
+    dp = torch.where(p > tiny, dout / p.clamp_min(tiny), 0.0)     # out = log p above the floor
+    dP = g * dp                                                     # p = g P + (1 - g) C
+    dlogits = P * (dP - (P * dP).sum(dim=-1, keepdim=True))         # P = softmax(logits)
+    da = ((1.0 - g) * dp).gather(-1, cache.index)                   # C gathers a by source id
+    dz = (dp * (P - C)).sum(dim=-1, keepdim=True) * g * (1.0 - g)   # g = σ(z)
+    ds = a * (da - (a * da).sum(dim=-1, keepdim=True)) / math.sqrt(h.shape[-1])
+    dq = ds @ m                                                     # scores = q mᵀ / √E
+    dmemory = ds.transpose(1, 2) @ cache.q
+    dh = dq @ cache.w_query + dz @ cache.w_gate
+    E = h.shape[-1]
+    grads = {"pointer.query.weight": dq.reshape(-1, E).t() @ h.reshape(-1, E),
+             "pointer.gate.weight": dz.reshape(-1, 1).t() @ h.reshape(-1, E),
+             "pointer.gate.bias": dz.reshape(-1, 1).sum(dim=0)}
+    return dh, dmemory, dlogits, grads
 
 
 def _positions(params: Mapping[str, Tensor], config: TransformerSeq2SeqConfig, length: int,
@@ -302,11 +369,18 @@ def transformer_seq2seq_forward(src: Tensor, src_lengths: Tensor | None, tgt_in:
         logits, head = linear_forward(h, params[config.tgt_embedding_key])
     else:
         logits, head = linear_forward(h, params["head.weight"], params.get("head.bias"))
+    pointer = None
+    if config.pointer:
+        logits, pointer = pointer_forward(h, t_cache.memory, src, padding, logits,
+                                          params["pointer.query.weight"],
+                                          params["pointer.gate.weight"],
+                                          params["pointer.gate.bias"])
     loss, loss_cache = None, None
     if targets is not None:
         loss, loss_cache = cross_entropy_forward(logits, targets, "mean", ignore_index)
     return (logits, loss), TransformerSeq2SeqCache(src_e, tgt_e, src_d, tgt_d, t_cache, head,
-                                                   loss_cache, config, S, T, tuple(params))
+                                                   loss_cache, config, S, T, tuple(params),
+                                                   pointer)
 
 
 @torch.no_grad()
@@ -325,9 +399,15 @@ def transformer_seq2seq_backward(cache: TransformerSeq2SeqCache, dlogits: Tensor
         d = check_float_tensor("dlogits", dlogits, logits_shape, dtype=h.dtype, finite=False)
     if cache.loss is not None:
         d = d + cross_entropy_backward(dloss, cache.loss)              # loss = CE(logits)
+    dh_pointer, dmemory, pointer_grads = None, None, {}
+    if cache.pointer is not None:                                      # logits = pointer(...)
+        dh_pointer, dmemory, d, pointer_grads = pointer_backward(d, cache.pointer)
     dh, dw_head, db_head = linear_backward(d, cache.head)              # logits = h Wᵀ + b
-    dx, dy, dtransformer = transformer_backward(dh, cache.transformer)
+    if dh_pointer is not None:
+        dh = dh + dh_pointer
+    dx, dy, dtransformer = transformer_backward(dh, cache.transformer, dmemory)
     grads = {"transformer." + k: v for k, v in dtransformer.items()}
+    grads.update(pointer_grads)
     scale = math.sqrt(c.d_model)
     if cache.src_dropout is not None:
         dx = dropout_backward(dx, cache.src_dropout)
@@ -360,8 +440,9 @@ class TransformerSeq2Seq(nn.Module):
     ``tgt_embedding`` (nn.Embedding; none with share_embeddings, where the target reads
     ``src_embedding``), ``pos_embedding`` (learned positions only),
     ``transformer`` (this package's Transformer, batch-first, torch.nn's init) and ``head``
-    (nn.Linear, absent with tie_embeddings). Embeddings are drawn from N(0, 1/E), so that
-    E[ids] · √E has unit variance.
+    (nn.Linear, absent with tie_embeddings); with ``pointer``, ``pointer.query``
+    (nn.Linear(E, E, bias=False)) and ``pointer.gate`` (nn.Linear(E, 1)). Embeddings are drawn
+    from N(0, 1/E), so that E[ids] · √E has unit variance.
     """
 
     def __init__(self, config: TransformerSeq2SeqConfig, *,
@@ -382,6 +463,10 @@ class TransformerSeq2Seq(nn.Module):
             bias=c.bias, **factory)
         if not c.tie_embeddings:
             self.head = nn.Linear(E, c.tgt_vocab, bias=c.bias, **factory)
+        if c.pointer:
+            self.pointer = nn.Module()
+            self.pointer.query = nn.Linear(E, E, bias=False, **factory)
+            self.pointer.gate = nn.Linear(E, 1, **factory)
         for name in ("src_embedding", "tgt_embedding", "pos_embedding"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, 0.0, 1.0 / math.sqrt(E))
@@ -427,10 +512,15 @@ class TransformerSeq2Seq(nn.Module):
             x = x * masks["src_embedding"] / (1.0 - p)
             y = y * masks["tgt_embedding"] / (1.0 - p)
         padding = _padding(src_lengths, S)
-        h = self.transformer(x, y, src_key_padding_mask=padding,
-                             memory_key_padding_mask=padding, tgt_is_causal=True,
-                             dropout_masks=_sub(masks, "transformer.") if p > 0 else None)
+        h, memory = self.transformer(
+            x, y, src_key_padding_mask=padding, memory_key_padding_mask=padding,
+            tgt_is_causal=True, dropout_masks=_sub(masks, "transformer.") if p > 0 else None,
+            return_memory=True)
         logits = self._logits(h)
+        if config.pointer:
+            ptr = self.pointer
+            logits, _ = pointer_forward(h, memory, src, padding, logits, ptr.query.weight,
+                                        ptr.gate.weight, ptr.gate.bias)
         if targets is None:
             return logits, None
         loss = cross_entropy(logits, targets, "mean", ignore_index)
@@ -511,6 +601,7 @@ class _TransformerSeq2SeqSession:
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.memory_mask: Tensor | None = None
+        self.copy: tuple[Tensor, Tensor, Tensor] | None = None   # pointer: memory, ids, pads
         self.t = 0
 
     def _layout(self) -> dict[str, Any]:
@@ -560,6 +651,10 @@ class _TransformerSeq2SeqSession:
         # 0 on a row's keys, -inf on its padding (every source has a key: lengths >= 1)
         self.memory_mask = torch.zeros(N, 1, 1, S, dtype=x.dtype, device=x.device).masked_fill(
             padding.repeat_interleave(expand, dim=0)[:, None, None, :], float("-inf"))
+        if c.pointer:
+            self.copy = (memory.repeat_interleave(expand, dim=0),
+                         self.src.repeat_interleave(expand, dim=0),
+                         padding.repeat_interleave(expand, dim=0))
         self.positions = table[:self.capacity].detach() * 1.0
         self.scale = math.sqrt(E)
         self.t = 0
@@ -602,7 +697,14 @@ class _TransformerSeq2SeqSession:
         g, b = layout["final_norm"]
         x = F.layer_norm(x, (E,), g, b, eps)
         self.t = t + 1
-        return linear(x, layout["head"], layout["head_bias"])
+        logits = linear(x, layout["head"], layout["head_bias"])
+        if self.copy is None:
+            return logits
+        memory, src, padding = self.copy
+        ptr = self.model.pointer
+        out, _ = pointer_forward(x[:, None], memory, src, padding, logits[:, None],
+                                 ptr.query.weight, ptr.gate.weight, ptr.gate.bias)
+        return out[:, 0]
 
     def reorder(self, index: Tensor) -> None:
         t = self.t
