@@ -72,7 +72,9 @@ def fault_point(name: str) -> None:
     wanted = os.environ.get(_FAULT_ENV)
     if not wanted:
         return
-    point, _, nth = wanted.partition(":")
+    point, _, nth = wanted.rpartition(":")
+    if not nth.isdigit():
+        point, nth = wanted, ""
     if point != name:
         return
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
@@ -335,6 +337,9 @@ def load_checkpoint(run: Path) -> Checkpoint:
     """The current checkpoint of a run directory, verified against its manifest."""
     directory = current_checkpoint(run)
     manifest = verify_checkpoint(directory)
+    if directory.name != step_name(manifest["step"]):
+        raise CheckpointError(f"{str(directory / MANIFEST)!r} records step {manifest['step']}, "
+                              f"not the step its directory names: the checkpoint is mixed")
     config = read_json(directory / CONFIG_FILE)
     if config.get("step") != manifest["step"]:
         raise CheckpointError(f"{str(directory / CONFIG_FILE)!r} is at step "
