@@ -161,3 +161,90 @@ def test_keyboard_interrupt_saves_a_checkpoint_at_the_last_finished_step(
     argv = ["train", "--data", str(corpus), "--out", str(out), "--steps", "20", *TINY]
     assert main(argv) == 130
     assert json.loads((ckpt(out) / "config.json").read_text())["step"] == 3
+
+
+# ----------------------------------------------------------------------------- bad files
+
+@pytest.mark.parametrize("content, found", [
+    (b"", "is empty"),
+    (b"  \n\t\n", "whitespace"),
+    (b"\x00" * 4000, "NUL bytes"),
+    (b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "one distinct character"),
+    ("caf\u00e9 ".encode("latin-1") * 400, "not UTF-8"),
+    (bytes(range(1, 9)) * 500, "control characters"),
+    (b"to be or not to be", "--block"),
+])
+@pytest.mark.parametrize("task", ["char-lm", "translate", "summarize"])
+def test_a_data_file_that_is_not_text_to_learn_from_exits_2_saying_what_it_holds(
+        task: str, content: bytes, found: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    if found == "--block" and task != "char-lm":
+        found = "0 usable"      # the pair and article loaders find no usable line in it
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    assert main(["train", "--task", task, "--data", str(data), "--out", str(out),
+                 "--steps", "2", *TINY]) == 2
+    *notes, err = capsys.readouterr().err.splitlines()       # notes: lines it skipped
+    assert "--data" in err and found in err, err
+    assert all(note.startswith("note: ") for note in notes), notes
+    assert not out.exists()                       # refused before anything was written
+
+
+def test_an_out_that_is_a_file_or_a_foreign_directory_exits_2(
+        corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    for out, found in ((tmp_path / "file", "is a file"),
+                       (tmp_path / "file" / "run", "not a writable directory"),
+                       (tmp_path / "home", "not a seqtwin run directory")):
+        assert main(["train", "--data", str(corpus), "--out", str(out), "--steps", "2",
+                     *TINY]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and found in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["notes.txt"]
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "x"),
+                 "--steps", "2", *TINY]) == 2                   # a directory as --data
+    assert "--data" in capsys.readouterr().err
+
+
+def _edit_config(run: Path, edit) -> None:
+    """Rewrite the current checkpoint's config.json and its manifest entry, as a tool that
+    writes its own checkpoints would: the set stays consistent, the content is what is
+    tested."""
+    import hashlib
+    where = ckpt(run)
+    config = json.loads((where / "config.json").read_text())
+    edit(config)
+    (where / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((where / "manifest.json").read_text())
+    manifest["files"]["config.json"] = hashlib.sha256(
+        (where / "config.json").read_bytes()).hexdigest()
+    (where / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda c: c["model"].pop("hidden_size"), "missing 'hidden_size'"),
+    (lambda c: c["model"].update(hidden=3), "unknown 'hidden'"),
+    (lambda c: c.pop("vocab"), "'vocab'"),
+    (lambda c: c.pop("train"), "'train'"),
+    (lambda c: c.update(task="poetry"), "'task'"),
+    (lambda c: c.update(vocab=c["vocab"][:-3]), "model.vocab_size"),
+    (lambda c: c["model"].update(dropout="high"), "dropout"),
+    (lambda c: c["model"].update(num_layers=0), "num_layers"),
+    (lambda c: c.update(step=-1), "step"),
+    (lambda c: c.update(dtype="float16"), "'dtype'"),
+    (lambda c: c["train"].update(lr="fast"), "train.lr"),
+    (lambda c: c["model"].update(kind="mamba"), "model.kind"),
+])
+def test_a_config_json_that_breaks_the_schema_exits_2_naming_the_key(
+        trained: Path, tmp_path: Path, edit, found: str, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _edit_config(run, edit)
+    for argv in (["eval", "--checkpoint", str(run)],
+                 ["generate", "--checkpoint", str(run), "--max-new-tokens", "3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "config.json" in err and found in err and len(err.splitlines()) == 1, err

@@ -217,8 +217,14 @@ def test_the_loader_refuses_bad_arguments_and_empty_files(tmp_path: Path, news: 
         load_summaries(news, max_source_len=0)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="no usable example"):
+    with pytest.raises(ValueError, match="is empty"):
         load_summaries(empty)
+    one = tmp_path / "one.jsonl"
+    one.write_text("[1]\n" + json.dumps({"article": "a b c", "title": "a"}) + "\n",
+                   encoding="utf-8")
+    with pytest.warns(UserWarning, match="line 1"), \
+            pytest.raises(ValueError, match="1 usable example"):
+        load_summaries(one)
 
 
 def test_rouge_and_the_lead_baseline() -> None:

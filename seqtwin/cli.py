@@ -68,6 +68,7 @@ from .data import (
     load_summaries,
     load_translation_pairs,
     normalize_sentence,
+    read_text,
     resolve_corpus,
     vocab_from_metadata,
 )
@@ -375,7 +376,7 @@ def _char_data(path: Path, metadata: dict[str, Any] | None
     checkpoint's characters or tokenizer (``metadata``)."""
     if metadata and "tokenizer" in metadata:
         vocab = metadata["tokenizer"]
-        ids = vocab.encode(path.read_text(encoding="utf-8"))
+        ids = vocab.encode(read_text(path))
         n_train = int(len(ids) * 0.9)  # load_char_corpus's cut
         return vocab, ids[:n_train], ids[n_train:]
     corpus = load_char_corpus(path)

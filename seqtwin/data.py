@@ -174,6 +174,37 @@ class CharCorpus(NamedTuple):
     val: np.ndarray
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A data file's text, refused with a ValueError saying what was found when it is not
+    text a model can learn from: unreadable, empty (or only whitespace), binary (NUL bytes or
+    mostly control characters), not UTF-8, or a single repeated character."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{str(path)!r} is not readable ({err.strerror or err})") from None
+    if not data.strip():
+        raise ValueError(f"{str(path)!r} is empty" + (f" ({len(data)} bytes of whitespace)"
+                                                       if data else ""))
+    nul = data.count(0)
+    if nul:
+        raise ValueError(f"{str(path)!r} looks binary, not text: {nul} NUL bytes in "
+                         f"{len(data)}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at "
+                         f"offset {err.start})") from None
+    control = len(re.findall("[\x00-\x08\x0e-\x1f]", text))   # not tab or line breaks
+    if control > len(text) // 10:
+        raise ValueError(f"{str(path)!r} looks binary, not text: {control} control "
+                         f"characters in {len(text)}")
+    if len(set(text)) == 1:
+        raise ValueError(f"{str(path)!r} holds one distinct character ({text[0]!r} x "
+                         f"{len(text)}); there is nothing to model")
+    return text
+
+
 def load_char_corpus(path: str | os.PathLike, val_fraction: float = 0.1) -> CharCorpus:
     """Read a UTF-8 text; the first ``1 - val_fraction`` is train, the rest validation.
 
@@ -181,7 +212,7 @@ def load_char_corpus(path: str | os.PathLike, val_fraction: float = 0.1) -> Char
     the whole text, and the split is a cut at ``int(N * (1 - val_fraction))``.
     """
     _check_fraction("val_fraction", val_fraction)
-    text = resolve_corpus(path).read_text(encoding="utf-8")
+    text = read_text(resolve_corpus(path))
     vocab = CharVocab(text)
     ids = vocab.encode(text)
     n_train = int(len(ids) * (1.0 - val_fraction))
@@ -455,7 +486,7 @@ def load_translation_pairs(path: str | os.PathLike, max_len: int | None = None,
     if max_len is not None and max_len < 1:
         raise ValueError(f"max_len: expected None or >= 1, got {max_len}")
     file = resolve_corpus(path)
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file)
     lines = text.split("\n")
     ends_with_newline = text.endswith("\n")
     if ends_with_newline:
@@ -481,7 +512,11 @@ def load_translation_pairs(path: str | os.PathLike, max_len: int | None = None,
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"{file.name}: skipped {len(skipped)} malformed line(s): {first}{more}",
                       stacklevel=2)
-
+    if len(pairs) < 2:
+        kept = "" if max_len is None else f" of at most {max_len} words (max_len)"
+        raise ValueError(f"path: {file.name} holds {len(pairs)} usable pair(s){kept}; a "
+                         f"training and a validation split need at least 2 (lines "
+                         f"english<TAB>french)")
     order = np.random.default_rng(seed).permutation(len(pairs))
     n_val = len(pairs) - int(len(pairs) * (1.0 - val_fraction))
     val_pairs = [pairs[i] for i in order[:n_val]]
@@ -601,27 +636,27 @@ def load_summaries(path: str | os.PathLike, target: str = "title", max_source_le
     examples: list[tuple[str, str]] = []
     skipped: list[tuple[int, str]] = []
     truncated = 0
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            example, reason = _parse_summary_line(line, target)
-            if example is None:
-                skipped.append((number, reason))
-                continue
-            words = example[0].split()
-            if len(words) > max_source_len:
-                truncated += 1
-                example = (" ".join(words[:max_source_len]), example[1])
-            examples.append(example)
+    for number, line in enumerate(read_text(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        example, reason = _parse_summary_line(line, target)
+        if example is None:
+            skipped.append((number, reason))
+            continue
+        words = example[0].split()
+        if len(words) > max_source_len:
+            truncated += 1
+            example = (" ".join(words[:max_source_len]), example[1])
+        examples.append(example)
     if skipped:
         first = "; ".join(f"line {n}: {reason}" for n, reason in skipped[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"{file.name}: skipped {len(skipped)} malformed line(s): {first}{more}",
                       stacklevel=2)
-    if not examples:
-        raise ValueError(f"path: {file.name} holds no usable example (every line was blank "
-                         f"or malformed)")
+    if len(examples) < 2:
+        raise ValueError(f"path: {file.name} holds {len(examples)} usable example(s); a "
+                         f"training and a validation split need at least 2 (JSON objects "
+                         f"with 'article' and {target!r})")
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = len(examples) - int(len(examples) * (1.0 - val_fraction))
     val_pairs = [examples[i] for i in order[:n_val]]

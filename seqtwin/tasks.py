@@ -281,8 +281,9 @@ class CharLMTask:
                              f"{model_config['block_size']}, got {block_size}")
         for split, ids in (("train", train), ("validation", val)):
             if block_size >= len(ids):
-                raise ValueError(f"block_size: expected < {len(ids)} (the {split} split's "
-                                 f"length), got {block_size}")
+                raise ValueError(f"the {split} split holds {len(ids)} tokens, not more than "
+                                 f"the block of {block_size} (--block): give a longer text "
+                                 f"or a smaller --block")
 
     @property
     def unit(self) -> str:
