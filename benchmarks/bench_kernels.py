@@ -1,4 +1,4 @@
-"""The fused kernels of issue #5 (``torch_impl.kernels``), each against what a user would call
+"""The fused kernels (``torch_impl.kernels``), each against what a user would call
 instead, forward and forward+backward, with the error of both against float64.
 
 - attention: ``kernels.flash_attention`` (Triton on CUDA) vs ``F.scaled_dot_product_attention``

@@ -16,7 +16,7 @@ one for the weights; recomputation inside a backward is not counted)::
                     (read logits, write dlogits)
 
 Tokens per call: B T (recurrent, attention), N rows (layer norm, cross-entropy).
-Targets (issue #6): torch_impl LSTM/GRU forward+backward >= 1.0x torch.nn float32, and the
+Targets: torch_impl LSTM/GRU forward+backward >= 1.0x torch.nn float32, and the
 reference's float64 LSTM forward+backward >= 0.5x torch.nn float64.
 
     python -m benchmarks.bench_layers                  # small: B32 T64 H512 (the issue's shape)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of issue #5, in one script for a lent GPU machine: run from the
+# The GPU checks and benchmarks, in one script for a lent GPU machine: run from the
 # repository root with the stages wanted, e.g.
 #
 #     OUT=/tmp/gpu bash benchmarks/gpu_session.sh tests sanitize kernels recurrent

@@ -1,6 +1,6 @@
 """One forward and backward of every fused kernel (``torch_impl/kernels``) on the Triton path,
 at small shapes with ragged edges (sizes that are not multiples of the block sizes, masks),
-checked against the torch path: the program issue #5 runs under NVIDIA's compute-sanitizer::
+checked against the torch path: the program that runs under NVIDIA's compute-sanitizer::
 
     compute-sanitizer --tool memcheck python -m benchmarks.kernel_smoke
     compute-sanitizer --tool racecheck python -m benchmarks.kernel_smoke --ops attention

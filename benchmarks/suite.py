@@ -31,7 +31,7 @@ per graph on a CPU) and the anchors a user would otherwise pick. Its figures:
     vs anchor     this implementation's speed relative to the anchor (anchor time / its time),
                   same workload and dtype: the median over processes of each process's
                   median over rounds, and the min-max over processes
-    target       issue #6's target where one applies: met or missed by the median ratio,
+    target       the target where one applies: met or missed by the median ratio,
                   never a failed test
 
 Method (the project's rule for a noisy machine): this process makes each call once, untimed,

@@ -32,6 +32,6 @@ torch.set_num_threads(1)
 
 # Without a GPU, the Triton kernels of torch_impl/kernels can only run in triton's interpreter,
 # which triton fixes when it is first imported: choose it before any test module imports triton
-# (issue #5). Only triton kernels read the variable; on a CUDA machine they compile as usual.
+#. Only triton kernels read the variable; on a CUDA machine they compile as usual.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,7 +7,7 @@ import pytest
 
 from torch_impl.kernels import HAS_TRITON
 
-NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="issue #5: needs triton installed")
+NEEDS_TRITON = pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed")
 TRITON = pytest.param("triton", marks=NEEDS_TRITON)
 PATHS = ["torch", TRITON]
 NATIVE_PATHS = ["torch", "native", TRITON]  # ops with a kernels/cpu/<op>.cpp

@@ -215,7 +215,7 @@ def test_blocked_loop_matches_reference_where_aten_kernels_would_run(config: Att
     """The CPU sends float attention with dv = d and no dropout to ATen's flash kernels
     (kernels/attention.py's _aten_fits; masks as one additive mask); the blocked Python loop,
     forced here, still matches the reference on those inputs, so both paths stay tested
-    (issue #5)."""
+   ."""
     inputs = build_attention_inputs(config)
     expected = run_reference_attention_with_condition(inputs, FLOAT64_CONDITION_LIMIT)
     with mock.patch.object(kat, "_aten_fits", lambda *args: False):

@@ -30,7 +30,7 @@ from .tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#3: attention)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton attention)"),
 ]
 
 DECODER_STEP = AttentionConfig(2, 3, 1, 6, 4, 4, MaskConfig(key_padding=True, causal=True))

@@ -126,7 +126,7 @@ def test_parity_suite_runs_the_parity_report(tmp_path: Path) -> None:
 
 
 def test_kernel_benchmark_writes_every_op_with_small_errors(tmp_path: Path) -> None:
-    """benchmarks.bench_kernels (issue #5) at tiny sizes: both implementations of every op,
+    """benchmarks.bench_kernels at tiny sizes: both implementations of every op,
     forward and forward+backward, each with a rate and errors against float64 that float32
     arithmetic meets."""
     from benchmarks import bench_kernels
@@ -147,13 +147,13 @@ def test_kernel_benchmark_writes_every_op_with_small_errors(tmp_path: Path) -> N
 def test_kernel_smoke_finds_triton_and_torch_paths_agree() -> None:
     """benchmarks.kernel_smoke, the program compute-sanitizer runs on a GPU, exits 0 (every
     op's Triton path agrees with its torch path); here under triton's interpreter."""
-    pytest.importorskip("triton", reason="issue #5: needs triton installed")
+    pytest.importorskip("triton", reason="needs triton installed")
     from benchmarks import kernel_smoke
     assert kernel_smoke.main(["--ops", "layer_norm,lstm_step,gru_step"]) == 0
 
 
 def test_step_costs_times_every_piece_of_both_steps(tmp_path: Path) -> None:
-    """benchmarks.step_costs (issue #5: where a GPU time step's cost goes) at tiny sizes on the
+    """benchmarks.step_costs (where a GPU time step's cost goes) at tiny sizes on the
     CPU: every torch piece and both whole-layer rows of each cell, with a host time that the
     synchronised total includes, written to JSON and Markdown."""
     from benchmarks import step_costs

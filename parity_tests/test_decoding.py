@@ -397,7 +397,7 @@ def test_non_finite_logits_raise(backend: tuple, decoder: str) -> None:
 def test_stable_top_equals_a_full_stable_sort(data, rows: int, width: int) -> None:
     """Beam search's selection (torch_impl.decoding._stable_top, topk plus a small sort) picks
     what numpy's stable argsort of the whole row picks (the reference's rule): the k best,
-    best first, ties by lower index, -inf included (issue #5)."""
+    best first, ties by lower index, -inf included."""
     if data is None:  # the explicit example: one entry
         x, k = np.array([[-np.inf]]), 1
     else:

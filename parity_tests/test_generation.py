@@ -168,15 +168,18 @@ def test_step_rejects_bad_tokens_and_state_naming_them(backend: str) -> None:
         model.init_state(0)
 
 
-def test_nan_weights_reach_the_decoder_as_a_clear_error_naming_logits() -> None:
-    """A torch_impl GPT step skips the NaN scans of its own intermediates (trusted_values);
-    NaN weights still stop decoding with a ValueError naming the logits, not garbage tokens."""
+def test_nan_weights_stop_decoding_with_a_clear_error() -> None:
+    """A torch_impl GPT step skips the NaN scans of its weights and intermediates; NaN weights
+    still stop decoding: init_state names the weight, and a weight spoiled after it the
+    decoder's logits check names the logits, never garbage tokens."""
     model = tim.GPT(tim.GPTConfig(**SIZES), dtype=torch.float64).eval()
+    state = model.init_state(2)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="logits: contains NaN"):
-        tim_decoding.greedy_decode(model.step, model.init_state(2),
-                                   torch.zeros(2, dtype=torch.int64), 3)
+        tim_decoding.greedy_decode(model.step, state, torch.zeros(2, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match=r"params\['transformer.h.0.mlp.c_fc.weight'\]"):
+        model.init_state(2)
 
 
 # ----------------------------------------------------------------------------- decoders

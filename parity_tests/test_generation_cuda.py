@@ -14,7 +14,7 @@ from .tolerances import TORCH64_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#4: beams on device)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (beam search on the GPU)"),
 ]
 
 

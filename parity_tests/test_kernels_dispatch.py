@@ -1,4 +1,4 @@
-"""The kernel path switch of torch_impl/kernels/__init__.py (issue #5)."""
+"""The kernel path switch of torch_impl/kernels/__init__.py."""
 
 from __future__ import annotations
 

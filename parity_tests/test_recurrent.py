@@ -224,7 +224,7 @@ ONEDNN_PACKED = RecurrentConfig(batch=32, steps=64, input_size=5, hidden_size=4,
                                 lengths=tuple(64 - 7 * i % 64 for i in range(32)))  # 1..64
 
 
-NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN, reason="needs oneDNN (#5)")
+NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN, reason="needs a torch build with oneDNN")
 
 
 @NEEDS_ONEDNN
@@ -527,7 +527,7 @@ def test_torch_impl_on_the_triton_path_matches_reference(kind: str,
 
 # ----------------------------------------------------------------------------- CUDA
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#2: torch_impl)")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU recurrent paths)")
 
 
 @pytest.mark.gpu

@@ -33,7 +33,7 @@ from .tolerances import LOWP_CUDA_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#2: bf16/fp16)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16, fp16 kernels)"),
     pytest.mark.parametrize("kind", RECURRENT_KINDS),
     pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"]),
 ]

@@ -545,6 +545,11 @@ def test_model_rejects_nan_weights_naming_them(backend) -> None:
     with pytest.raises(ValueError, match=r"^params\['transformer.h.0.mlp.c_fc.weight'\]: "
                                          r"contains NaN or inf \(first at index \(0, 1\)\)"):
         model(convert(np.array([[0, 1]])))
+    # the step interface: where a decode starts (init_state, prefill), not once per token
+    for start in (lambda: model.init_state(1), lambda: model.init_state(1, kv_cache=False),
+                  lambda: model.prefill(convert(np.array([[0]])))):
+        with pytest.raises(ValueError, match=r"^params\['transformer.h.0.mlp.c_fc.weight'\]"):
+            start()
 
 
 def test_gpt_validates_once_at_its_entry_and_its_blocks_trust_the_attention_inputs(

@@ -21,7 +21,7 @@ from .tolerances import LOWP_CUDA_VS_REF64, TORCH32_VS_REF64
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (#3: GPT)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPT on the GPU)"),
 ]
 BUDGETS = {torch.float32: TORCH32_VS_REF64, torch.bfloat16: LOWP_CUDA_VS_REF64}
 
@@ -73,7 +73,7 @@ def test_torch_impl_gpt_on_cuda_matches_reference_float64(dtype: torch.dtype,
     if expected.loss is not None:
         assert_close(loss, expected.loss, budget.forward, "loss")
     if dtype == torch.bfloat16:
-        # Known gap (#5): a whole GPT held in bf16 (every activation and gradient rounded to
+        # Known gap: a whole GPT held in bf16 (every activation and gradient rounded to
         # bf16 between ops, as model.to(torch.bfloat16) does) missed the 5e-2 gradient budget on
         # an H100 (c_attn.weight 5.7e-2, width 8, two layers). Mixed precision (float32
         # accumulation inside the fused kernels) is the fix; until then bf16 is held to the

@@ -465,8 +465,12 @@ class GPT(Module):
     # (P = 1: state = model.init_state(B), bos = prompt[:, 0]). Steps never use dropout.
 
     def init_state(self, batch_size: int, kv_cache: bool = True) -> GPTState:
-        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0)."""
+        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0).
+        The weights are checked finite here, as every forward (``prefill``, ``step``) checks
+        them."""
         B = check_positive_int("batch_size", batch_size)
+        for name, w in self.params.items():
+            check_float_array(f"params[{name!r}]", w)
         if not kv_cache:
             return GPTState(None, None, np.zeros((B, 0), dtype=np.int64), 0)
         nh, E = self.config.n_head, self.config.n_embd
@@ -478,6 +482,8 @@ class GPT(Module):
         """One forward over ids (B, T) -> (logits (B, T, V), the state after those T tokens)."""
         config = dataclasses.replace(self.config, dropout=0.0)
         T = _check_ids(ids, config)[1]
+        for name, w in self.params.items():
+            check_float_array(f"params[{name!r}]", w)
         (logits, _), cache = _gpt_forward(ids, self.params, config)
         if not kv_cache:
             return logits, GPTState(None, None, ids.astype(np.int64), T)

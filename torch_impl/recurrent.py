@@ -93,17 +93,13 @@ class Linear(NamedTuple):
 
     ``packed`` is oneDNN's blocked copy of W for M-row inputs, made once per layer call for
     float32 CPU layers in eager mode: oneDNN's matmul with packed weights beats the BLAS
-    addmm on small-M products (~25% at (32, 512) x (512, 2048) on this project's AVX-512
-    CPU), and the T products of a time loop share one packing. Elsewhere it is None (addmm).
-    W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ): addmm reads it in place; the
-    packing is given a contiguous copy, because oneDNN reorders a transposed view about 3x
-    slower than it copies and packs (at (512, 2048) on this CPU: 4.1-4.6 ms against
-    0.9 + 0.7 ms). Packing pays only when enough rows go through the packed weight:
-    it is done when ``uses * rows`` (T B for the time loop's products and for the input
-    products alike) reaches PACK_MIN_ROWS. Measured on this CPU at H 128-512, one thread:
-    an input product of 256-512 rows ran 5-35% slower packed (packing included) and one of
-    2048 rows 5-15% faster; at B 8, H 256 a step's product saves about 20 µs packed, and
-    packing W_hh costs about 1.1 ms, more than 32 steps save.
+    addmm on small-M products, and the T products of a time loop share one packing.
+    Elsewhere it is None (addmm). W may be a transposed view (the backward's W_hhᵀ, W_ihᵀ):
+    addmm reads it in place; the packing is given a contiguous copy, which oneDNN packs
+    faster than it reorders a transposed view. Packing pays only when enough rows go
+    through the packed weight: it is done when ``uses * rows`` (T B for the time loop's
+    products and for the input products alike) reaches PACK_MIN_ROWS (the measurements
+    behind the threshold: benchmarks/results/amd-epyc-2core/README.md).
     """
     weight: Tensor          # W (N, K)
     packed: Tensor | None

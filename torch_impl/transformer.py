@@ -590,8 +590,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_state(self, batch_size: int, kv_cache: bool = True) -> GPTState:
-        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0)."""
+        """The state before any token: an empty KV cache per layer, or an empty prefix (B, 0).
+        The weights are checked finite here and in ``prefill``, where a decode starts; ``step``
+        trusts them (no scan per token)."""
         B = check_positive_int("batch_size", batch_size)
+        check_finite_tensors((f"params[{name!r}]", w) for name, w in self.named_parameters())
         weight = self.transformer.wte.weight
         if not kv_cache:
             return GPTState(None, None, torch.zeros(B, 0, dtype=torch.int64,
@@ -604,6 +607,7 @@ class GPT(nn.Module):
     def prefill(self, ids: Tensor, kv_cache: bool = True) -> tuple[Tensor, GPTState]:
         """One forward over ids (B, T) -> (logits (B, T, V), the state after those T tokens)."""
         T = _check_inputs(ids, None, self.config)[1]
+        check_finite_tensors((f"params[{name!r}]", w) for name, w in self.named_parameters())
         logits, kvs = self._logits(ids)
         if not kv_cache:
             return logits, GPTState(None, None, ids.long(), T)
@@ -616,8 +620,7 @@ class GPT(nn.Module):
         With the KV cache only the new token's q, k, v are computed, its k, v appended to the
         cache, and its query attends over all t + 1 keys; without it, the forward reruns on
         the whole prefix (B, t + 1) and the last position's logits are returned. Checks the
-        tokens and the state, not the weights (a per-token cost; the decoders check the
-        logits).
+        tokens and the state; the weights were checked by ``init_state`` / ``prefill``.
         """
         config = self.config
         if not isinstance(state, GPTState):

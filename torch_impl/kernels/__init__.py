@@ -120,9 +120,9 @@ def use_op(x: torch.Tensor) -> bool:
     """Whether a layer's time loop calls a step op through ``torch.ops`` rather than one of the
     op's two implementations directly: under torch.compile, where the op is what the graph
     holds, and for bf16/fp16 (the op computes them in float32). In eager float32/float64 the
-    dispatcher's per-call cost (~25 µs on this project's CPU, paid T times per layer and
-    direction, and twice with the backward) buys nothing: the loop then calls the Triton
-    launch wrapper itself when ``use_triton(x)``, else the torch path."""
+    dispatcher's per-call cost (paid T times per layer and direction, and twice with the
+    backward) buys nothing: the loop then calls the Triton launch wrapper itself when
+    ``use_triton(x)``, else the torch path."""
     return torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.float64)
 
 

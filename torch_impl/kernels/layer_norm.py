@@ -273,8 +273,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
                                               or bias.requires_grad)
     if native is not None:
         # eager on the CPU: the native kernels, tied by their own C++ autograd Function (the
-        # same saved μ and r as the op's), without the op's dispatch: that costs ~100 µs per
-        # forward and backward, several times the kernels on a decoder step's rows. They read
+        # same saved μ and r as the op's), without the op's dispatch, which costs several
+        # times the kernels on a decoder step's rows. They read
         # x (..., D) as rows, so no reshape either.
         x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
         if needs_grad:
