@@ -224,7 +224,8 @@ ONEDNN_PACKED = RecurrentConfig(batch=32, steps=64, input_size=5, hidden_size=4,
                                 lengths=tuple(64 - 7 * i % 64 for i in range(32)))  # 1..64
 
 
-NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN, reason="needs a torch build with oneDNN")
+NEEDS_ONEDNN = pytest.mark.skipif(not torch_impl_recurrent._ONEDNN,
+                                  reason="needs a torch build with oneDNN")
 
 
 @NEEDS_ONEDNN
