@@ -8,6 +8,7 @@ Without a GPU the "triton" path runs triton's interpreter (conftest sets TRITON_
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, example, given
@@ -231,3 +232,83 @@ def test_native_layer_norm_refuses_double_backward() -> None:
     x, weight, bias = (t.requires_grad_() for t in sample_inputs())
     with kernel_path("native"), pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(layer_norm(x, weight, bias).pow(2).sum(), x, create_graph=True)
+
+
+def extreme_rows(dtype: torch.dtype, D: int = 8):
+    """(x, weight, bias, dy) float64 arrays holding the values of dtype: rows whose direct sums
+    overflow dtype (μ or σ² would be inf) beside an ordinary row, and the power of two they
+    were built at (float32: near 1e20-1e37; float64: near 1e160-1e300)."""
+    rng = np.random.default_rng(0)
+    big = 2.0 ** 66 if dtype == torch.float32 else 2.0 ** 540
+    huge = 2.0 ** 122 if dtype == torch.float32 else 2.0 ** 1000
+    rows = [np.full(D, big),                                   # constant: x̂ = 0
+            np.tile([big, -big], D // 2),                      # x̂ = ±1
+            big * (3.0 + rng.standard_normal(D)),              # offset and spread
+            huge * rng.uniform(-1.0, 1.0, D),                  # near the dtype's max / D
+            rng.standard_normal(D)]                            # an ordinary row
+    cast = np.float32 if dtype == torch.float32 else np.float64
+    x = np.stack(rows).astype(cast).astype(np.float64)
+    weight = rng.standard_normal(D).astype(cast).astype(np.float64)
+    bias = rng.standard_normal(D).astype(cast).astype(np.float64)
+    dy = rng.standard_normal(x.shape).astype(cast).astype(np.float64)
+    return x, weight, bias, dy
+
+
+def exact_layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float):
+    """LayerNorm's exact-math value per row, from x scaled down to where float64 holds it: y,
+    and x̂ with r for the gradients."""
+    e = np.frexp(np.abs(x).max(axis=-1, keepdims=True))[1]
+    u = np.ldexp(x, -e)                                        # exact in float64
+    centered = u - u.mean(axis=-1, keepdims=True)
+    var = (centered ** 2).mean(axis=-1, keepdims=True)
+    # a constant row: x̂ = 0 and r = 1 / √ε (ε / 4^e underflows in float64 here)
+    constant = var == 0
+    rstd_u = 1.0 / np.sqrt(np.where(constant, 1.0, var + np.ldexp(eps, -2 * e)))
+    x_hat = np.where(constant, 0.0, centered * rstd_u)
+    rstd = np.where(constant, 1.0 / np.sqrt(eps), np.ldexp(rstd_u, -e))
+    return x_hat * weight + bias, x_hat, rstd
+
+
+def exact_backward(dy, x_hat, rstd, weight):
+    dx_hat = dy * weight
+    dx = rstd * (dx_hat - dx_hat.mean(-1, keepdims=True)
+                 - x_hat * (dx_hat * x_hat).mean(-1, keepdims=True))
+    return dx, (dy * x_hat).sum(0), dy.sum(0)
+
+
+# triton's interpreter warns where the direct sums overflow, as designed
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("path", NATIVE_PATHS + ["reference"])
+def test_rows_whose_sums_overflow_get_the_exact_layer_norm_on_every_path(
+        path: str, dtype: torch.dtype) -> None:
+    """Defined behaviour at extreme magnitudes (the module docstring): the exact-math value,
+    finite, forward and backward, wherever the direct sums of a row overflow the dtype;
+    torch.nn.functional.layer_norm gives NaN or 0 on these rows."""
+    x, weight, bias, dy = extreme_rows(dtype)
+    eps = 1e-5
+    y_exact, x_hat, rstd = exact_layer_norm(x, weight, bias, eps)
+    dx_exact, dw_exact, db_exact = exact_backward(dy, x_hat, rstd, weight)
+    if path == "reference":
+        cast = np.float32 if dtype == torch.float32 else np.float64
+        y, cache = ref.layer_norm_forward(x.astype(cast), weight.astype(cast),
+                                          bias.astype(cast), eps)
+        dx, dw, db = ref.layer_norm_backward(dy.astype(cast), cache)
+    else:
+        case = Case(x, weight, bias, dy, eps)
+        with kernel_path(path):
+            y, grads = run_kernel(case, dtype)
+        dx, dw, db = (grads[k].cpu().numpy() for k in ("x", "weight", "bias"))
+        y = y.cpu().numpy()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, got, want in (("y", y, y_exact), ("dweight", dw, dw_exact),
+                            ("dbias", db, db_exact)):
+        assert np.all(np.isfinite(got)), name
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(),
+                                   err_msg=name)
+    # dx per row, relative to the row's own scale (r is ~2^-66 .. 2^-1000 there)
+    for row in range(x.shape[0]):
+        scale = np.abs(dx_exact[row]).max()
+        assert np.all(np.isfinite(dx[row])), row
+        np.testing.assert_allclose(dx[row], dx_exact[row], rtol=0, atol=10 * tol * scale,
+                                   err_msg=f"dx row {row}")

@@ -11,6 +11,13 @@ Backward, from dy (summing over every leading index n for the parameters):
     dx̂ = dy ⊙ w
     dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the last axis)
 
+Extreme rows: where the sums of a row overflow its dtype (float32 values near 1e19 and
+beyond: μ or σ² would be inf), the row is computed on u = x / 2^e, 2^e the power of two at
+its largest |x| (an exact scaling), with μ = 2^e μ_u and r = r_u / 2^e, r_u = 1 / √(σ_u² +
+ε / 4^e): the exact-math LayerNorm of the row, finite, the same in both backends (rows whose
+values differ by more than the dtype's largest number excepted). torch.nn returns NaN or 0
+there.
+
 ``LayerNorm`` is the torch.nn.LayerNorm twin (an int normalized_shape) over that pair.
 """
 
@@ -51,11 +58,25 @@ def layer_norm_forward(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarra
     if bias is not None:
         check_float_array("bias", bias, shape=(features,), dtype=x.dtype)
     eps = _check_eps(eps)
-    mu = x.mean(axis=-1, keepdims=True)
-    centered = x - mu
-    var = (centered * centered).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
-    x_hat = centered * rstd
+    with np.errstate(over="ignore", invalid="ignore"):
+        mu = x.mean(axis=-1, keepdims=True)
+        centered = x - mu
+        var = (centered * centered).mean(axis=-1, keepdims=True)
+    overflow = ~(np.isfinite(mu) & np.isfinite(var))
+    if overflow.any():   # those rows on u = x / 2^e (module docstring); the others e = 0
+        top = np.abs(x).max(axis=-1, keepdims=True)
+        e = np.where(overflow, np.frexp(top)[1] - 1, 0)
+        down = np.ldexp(np.ones_like(top), -e)
+        u = x * down
+        centered = u - u.mean(axis=-1, keepdims=True)
+        var = (centered * centered).mean(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):   # ε / 4^e may underflow to 0: a constant row
+            rstd_u = np.where(var > 0, 1.0 / np.sqrt(var + eps * down * down), 0.0)
+        x_hat = centered * rstd_u                                  # (σ² = 0) has x̂ = 0
+        rstd = np.where(var > 0, rstd_u * down, 1.0 / np.sqrt(eps + 0 * var)).astype(x.dtype)
+    else:
+        rstd = 1.0 / np.sqrt(var + eps)
+        x_hat = centered * rstd
     y = x_hat
     if weight is not None:
         y = y * weight

@@ -11,6 +11,13 @@ Backward, from dy (summing over every row n for the parameters):
     dx̂ = dy ⊙ w
     dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the row)
 
+Extreme rows: where the sums of a row overflow the compute dtype (float32 values near 1e19
+and beyond: μ or σ² would be inf), the row is computed on u = x / 2^e, 2^e the power of two
+at its largest |x| (an exact scaling): μ = 2^e μ_u, r = r_u / 2^e with r_u = 1 / √(σ_u² +
+ε / 4^e), the exact-math LayerNorm of the row, finite, the same on every path and in the
+reference (rows whose values differ by more than the dtype's largest number excepted).
+torch.nn.functional.layer_norm returns NaN or 0 there.
+
 The forward saves μ and r per row (2 numbers, not the (N, D) x̂), and the backward
 recomputes x̂ = (x - μ) r from x. Rows are computed in float32 for bf16/fp16 inputs and in
 float64 for float64 inputs; μ and r are kept in that compute dtype.
@@ -46,7 +53,8 @@ except ImportError:
 
 @jit
 def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, eps_ptr, y_ptr, mean_ptr, rstd_ptr, D,
-                               ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+                               ACC: tl.constexpr, BITS: tl.constexpr, EXPONENT: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     in_row = cols < D
@@ -54,10 +62,23 @@ def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, eps_ptr, y_ptr, mean_ptr, rs
     mean = tl.sum(x, axis=0) / D
     centered = tl.where(in_row, x - mean, 0.0)
     var = tl.sum(centered * centered, axis=0) / D
-    rstd = 1.0 / tl.sqrt(var + tl.load(eps_ptr))
+    # a row whose sums overflowed: again on u = x / 2^e (module docstring); else scale 1
+    fits = (tl.abs(mean) < float("inf")) & (var < float("inf"))
+    top = tl.max(tl.abs(x), axis=0)
+    power = (top.to(BITS, bitcast=True) & EXPONENT).to(ACC, bitcast=True)    # 2^e <= top
+    scale = tl.where(fits, 1.0, 1.0 / power)
+    u = x * scale
+    mean = tl.sum(u, axis=0) / D
+    centered = tl.where(in_row, u - mean, 0.0)
+    var = tl.sum(centered * centered, axis=0) / D
+    eps = tl.load(eps_ptr)
+    # ε / 4^e may underflow to 0: a constant row (σ_u² = 0) then has x̂ = 0 and r = 1 / √ε
+    rstd_u = tl.where(var > 0, 1.0 / tl.sqrt(var + eps * scale * scale), 0.0)
+    mean = mean / scale
+    rstd = tl.where(var > 0, rstd_u * scale, 1.0 / tl.sqrt(eps))
     w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(ACC)
     b = tl.load(b_ptr + cols, mask=in_row, other=0.0).to(ACC)
-    y = centered * rstd * w + b
+    y = centered * rstd_u * w + b
     tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=in_row)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -124,9 +145,12 @@ def _layer_norm_forward_triton(x: Tensor, weight: Tensor, bias: Tensor, eps: flo
     rstd = torch.empty(rows, dtype=acc, device=x.device)
     # ε travels as a tensor: a Python float argument would reach the kernel as float32
     eps_t = torch.full((1,), eps, dtype=acc, device=x.device)
+    wide = acc == torch.float64
     _layer_norm_forward_kernel[(rows,)](
         x, weight, bias, eps_t, y, mean, rstd, D,
-        ACC=_triton_dtype(acc), BLOCK_D=triton.next_power_of_2(D), **_launch_options(D))
+        ACC=_triton_dtype(acc), BITS=tl.int64 if wide else tl.int32,
+        EXPONENT=0x7FF0000000000000 if wide else 0x7F800000,
+        BLOCK_D=triton.next_power_of_2(D), **_launch_options(D))
     return y, mean, rstd
 
 
@@ -156,24 +180,55 @@ def _aten_fits(x: Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) and x.shape[-1] >= 2
 
 
+def _layer_norm_rows(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                     scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The composite on rows x (N, D) in the compute dtype, on u = x ⊙ scale (N, 1) (a power
+    of two per row) when given."""
+    xc = x.to(compute_dtype(x.dtype))
+    u = xc if scale is None else xc * scale
+    mean = u.mean(dim=-1)
+    centered = u - mean.unsqueeze(-1)
+    var = (centered * centered).mean(dim=-1)
+    if scale is None:
+        rstd = torch.rsqrt(var + eps)
+        return (centered * rstd.unsqueeze(-1) * weight + bias).to(x.dtype), mean, rstd
+    s = scale.squeeze(-1)
+    # ε / 4^e may underflow to 0: a constant row (σ_u² = 0) then has x̂ = 0 and r = 1 / √ε
+    rstd_u = torch.where(var > 0, torch.rsqrt(var + eps * s * s), 0.0)
+    y = centered * rstd_u.unsqueeze(-1) * weight + bias
+    rstd = torch.where(var > 0, rstd_u * s, torch.full_like(var, eps).rsqrt())
+    return y.to(x.dtype), mean / s, rstd
+
+
 def _layer_norm_forward_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float
                               ) -> tuple[Tensor, Tensor, Tensor]:
     if _aten_fits(x):
         # ATen's fused row kernel computes these same μ and r (biased variance) in one pass,
         # several times faster on the CPU than the composite below
         y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        return y, mean.reshape(-1).clone(), rstd.reshape(-1).clone()
-    xc = x.to(compute_dtype(x.dtype))
-    mean = xc.mean(dim=-1)
-    centered = xc - mean.unsqueeze(-1)
-    rstd = torch.rsqrt((centered * centered).mean(dim=-1) + eps)
-    y = centered * rstd.unsqueeze(-1) * weight + bias
-    return y.to(x.dtype), mean, rstd
+        y, mean, rstd = y, mean.reshape(-1).clone(), rstd.reshape(-1).clone()
+    else:
+        y, mean, rstd = _layer_norm_rows(x, weight, bias, eps)
+    # rows whose sums overflowed (μ or r not finite, or r = 0 from σ² = inf): on u = x / 2^e
+    overflow = ~(torch.isfinite(mean) & torch.isfinite(rstd)) | (rstd == 0)
+    if overflow.any():
+        rows = overflow.nonzero().squeeze(-1)
+        xs = x.index_select(0, rows)
+        top = xs.abs().amax(dim=-1, keepdim=True).to(mean.dtype)
+        scale = torch.ldexp(torch.ones_like(top), -(torch.frexp(top).exponent - 1))
+        ys, ms, rs = _layer_norm_rows(xs, weight, bias, eps, scale)
+        y.index_copy_(0, rows, ys)
+        mean.index_copy_(0, rows, ms)
+        rstd.index_copy_(0, rows, rs)
+    return y, mean, rstd
 
 
 def _layer_norm_backward_torch(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
                                rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if _aten_fits(x) and mean.dtype == x.dtype:
+    # ATen's backward multiplies by r³, which underflows on the rows of extreme magnitude
+    # (r below tiny^(1/4)); those batches take the composite, which needs only r
+    if _aten_fits(x) and mean.dtype == x.dtype \
+            and not bool((rstd < torch.finfo(rstd.dtype).tiny ** 0.25).any()):
         dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
             dy, x, (x.shape[-1],), mean.unsqueeze(-1), rstd.unsqueeze(-1), weight,
             torch.zeros_like(weight), [True, True, True])  # the bias only gives dbias's shape

@@ -13,7 +13,11 @@
 //     dx = r (dx̂ - mean(dx̂) - x̂ mean(dx̂ ⊙ x̂))      (means over the row)
 //
 // Everything is computed in the input dtype (float32 or float64); μ and r are saved per row in
-// that dtype. The forward reads each row three times while it sits in L1 (a first mean μ0,
+// that dtype. Extreme rows: where Σ x or Σ (x - μ0)² overflows the dtype (float32 rows of
+// values near 1e19 and beyond), the row is redone on u = x / 2^e, 2^e the power of two at its
+// largest |x| (an exact scaling): the statistics of u never overflow, and μ = 2^e μ_u,
+// r = r_u / 2^e with r_u = 1 / √(σ_u² + ε / 4^e), so the row gets LayerNorm's exact-math
+// value (rows whose values differ by more than the dtype's largest number excepted). The forward reads each row three times while it sits in L1 (a first mean μ0,
 // then the corrected two-pass sums of x - μ0 that give μ and σ² at any offset of the row,
 // then y). The backward reads each row twice (the two means, then dx), four rows at a time,
 // and adds their dy ⊙ x̂ and dy into the dw, db partial sums of its block of rows. The blocks
@@ -91,6 +95,36 @@ scalar_t row_sum(const scalar_t* x, int64_t D) {
 
 // ------------------------------------------------------------------------------- forward
 
+// the row of forward_row whose direct sums overflowed, on u = x / 2^e (see the header)
+template <typename scalar_t>
+void forward_row_scaled(const scalar_t* x, const scalar_t* w, const scalar_t* b,
+                        scalar_t eps, int64_t D, scalar_t* y, scalar_t* mean_out,
+                        scalar_t* rstd_out) {
+  scalar_t top = 0;
+  for (int64_t i = 0; i < D; ++i) top = std::max(top, std::abs(x[i]));
+  const int e = std::ilogb(top);                      // top >= 2^e: overflow needs a big top
+  const scalar_t down = std::ldexp(scalar_t(1), -e), up = std::ldexp(scalar_t(1), e);
+  scalar_t sum = 0;
+  for (int64_t i = 0; i < D; ++i) sum += x[i] * down;
+  const scalar_t mean0 = sum / static_cast<scalar_t>(D);
+  scalar_t d = 0, q = 0;
+  for (int64_t i = 0; i < D; ++i) {
+    const scalar_t c = x[i] * down - mean0;
+    d += c;
+    q += c * c;
+  }
+  const scalar_t shift = d / static_cast<scalar_t>(D);
+  const scalar_t var = std::max(q / static_cast<scalar_t>(D) - shift * shift, scalar_t(0));
+  // ε / 4^e may underflow to 0: a constant row (σ_u² = 0) then has x̂ = 0 and r = 1 / √ε
+  const scalar_t rstd_u = var > 0 ? scalar_t(1) / std::sqrt(var + eps * down * down)
+                                  : scalar_t(0);
+  for (int64_t i = 0; i < D; ++i) {
+    y[i] = ((x[i] * down - mean0) - shift) * rstd_u * w[i] + b[i];
+  }
+  *mean_out = (mean0 + shift) * up;
+  *rstd_out = var > 0 ? rstd_u * down : scalar_t(1) / std::sqrt(eps);
+}
+
 template <typename scalar_t>
 void forward_row(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t eps,
                  int64_t D, scalar_t* y, scalar_t* mean_out, scalar_t* rstd_out) {
@@ -119,8 +153,13 @@ void forward_row(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar
     q0 = at::vec::fmadd(c, c, q0);
   }
   const scalar_t shift = sum_lanes<scalar_t>(d0 + d1) / static_cast<scalar_t>(D);
-  const scalar_t var = std::max(
-      sum_lanes<scalar_t>(q0 + q1) / static_cast<scalar_t>(D) - shift * shift, scalar_t(0));
+  const scalar_t squares = sum_lanes<scalar_t>(q0 + q1);
+  if (!std::isfinite(mean0) || !std::isfinite(squares)) {   // x is finite: an overflow
+    forward_row_scaled(x, w, b, eps, D, y, mean_out, rstd_out);
+    return;
+  }
+  const scalar_t var = std::max(squares / static_cast<scalar_t>(D) - shift * shift,
+                                scalar_t(0));
   const Vec vshift(shift);
   const scalar_t rstd = scalar_t(1) / std::sqrt(var + eps);
   const Vec vrstd(rstd);
