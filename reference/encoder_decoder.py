@@ -215,6 +215,13 @@ def _check_options(d_model: int, nhead: object, activation: object, layer_norm_e
                     check_probability("dropout", dropout))
 
 
+def _check_nonempty(name: str, x: np.ndarray, length: str) -> None:
+    """B and the sequence length >= 1, as torch_impl's layers require."""
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"{name}: expected shape (B, {length}, E) (batch-first, B and "
+                         f"{length} >= 1), got {shape_str(x.shape)}")
+
+
 def _check_input(name: str, x: object, batch: int, width: int, dtype: np.dtype,
                  like: str) -> np.ndarray:
     """x (B, L, E) with the batch, width and dtype of the input ``like``."""
@@ -551,6 +558,7 @@ def transformer_encoder_layer_forward(
     "dropout" (B, S, F), "dropout2" (B, S, E), required iff dropout > 0.
     """
     check_float_array("src", src, shape=("B", "S", "E"))
+    _check_nonempty("src", src, "S")
     B, S, E = src.shape
     opts = _check_options(E, nhead, activation, layer_norm_eps, norm_first, dropout)
     F, bias = _infer_sizes(params, "") if isinstance(params, Mapping) else ("F", True)
@@ -588,6 +596,7 @@ def transformer_decoder_layer_forward(
     (B, h, T, S), "dropout2", "dropout" (B, T, F), "dropout3", required iff dropout > 0.
     """
     check_float_array("tgt", tgt, shape=("B", "T", "E"))
+    _check_nonempty("tgt", tgt, "T")
     B, T, E = tgt.shape
     _check_input("memory", memory, B, E, tgt.dtype, "tgt")
     S = memory.shape[1]
@@ -713,6 +722,7 @@ def transformer_encoder_forward(
     src_mask); dropout_masks: the layer sites under "layers.{i}.".
     """
     check_float_array("src", src, shape=("B", "S", "E"))
+    _check_nonempty("src", src, "S")
     B, S, E = src.shape
     n = check_positive_int("num_layers", num_layers)
     opts = _check_options(E, nhead, activation, layer_norm_eps, norm_first, dropout)
@@ -745,6 +755,7 @@ def transformer_decoder_forward(
     """torch.nn.TransformerDecoder over tgt (B, T, E), memory (B, S, E) -> (out (B, T, E),
     cache); params "layers.{i}.<decoder layer name>" and optionally "norm.*"."""
     check_float_array("tgt", tgt, shape=("B", "T", "E"))
+    _check_nonempty("tgt", tgt, "T")
     B, T, E = tgt.shape
     _check_input("memory", memory, B, E, tgt.dtype, "tgt")
     S = memory.shape[1]
@@ -790,6 +801,7 @@ def transformer_forward(
     ``transformer_dropout_mask_shapes``, required iff dropout > 0.
     """
     check_float_array("src", src, shape=("B", "S", "E"))
+    _check_nonempty("src", src, "S")
     B, S, E = src.shape
     _check_input("tgt", tgt, B, E, src.dtype, "src")
     T = tgt.shape[1]
@@ -938,6 +950,7 @@ class TransformerEncoderLayer(_Layer):
         """out (B, S, E) for src (B, S, E); see transformer_encoder_layer_forward."""
         check_float_array("src", src, shape=("B", "S", self.d_model), dtype=self.dtype,
                           finite=False)
+        _check_nonempty("src", src, "S")
         B, S, E = src.shape
         p, masks = self._dropout_args(dropout_masks, lambda: _encoder_layer_mask_shapes(
             B, S, E, self.nhead, self.dim_feedforward))
@@ -970,8 +983,10 @@ class TransformerDecoderLayer(_Layer):
         transformer_decoder_layer_forward."""
         check_float_array("tgt", tgt, shape=("B", "T", self.d_model), dtype=self.dtype,
                           finite=False)
+        _check_nonempty("tgt", tgt, "T")
         B, T, E = tgt.shape
         check_float_array("memory", memory, shape=(B, "S", E), finite=False)
+        _check_nonempty("memory", memory, "S")
         S = memory.shape[1]
         p, masks = self._dropout_args(dropout_masks, lambda: _decoder_layer_mask_shapes(
             B, T, S, E, self.nhead, self.dim_feedforward))
@@ -1107,6 +1122,7 @@ class TransformerEncoder(_Stack):
         layer = self.layers[0]
         check_float_array("src", src, shape=("B", "S", layer.d_model), dtype=layer.dtype,
                           finite=False)
+        _check_nonempty("src", src, "S")
         B, S, E = src.shape
         p, masks = self._dropout_args(dropout_masks, lambda: _encoder_layer_mask_shapes(
             B, S, E, layer.nhead, layer.dim_feedforward))
@@ -1145,8 +1161,10 @@ class TransformerDecoder(_Stack):
         layer = self.layers[0]
         check_float_array("tgt", tgt, shape=("B", "T", layer.d_model), dtype=layer.dtype,
                           finite=False)
+        _check_nonempty("tgt", tgt, "T")
         B, T, E = tgt.shape
         check_float_array("memory", memory, shape=(B, "S", E), finite=False)
+        _check_nonempty("memory", memory, "S")
         S = memory.shape[1]
         p, masks = self._dropout_args(dropout_masks, lambda: _decoder_layer_mask_shapes(
             B, T, S, E, layer.nhead, layer.dim_feedforward))
@@ -1231,6 +1249,7 @@ class Transformer(_Container):
         out = decoder(tgt, memory). dropout_masks: the stacks' sites under "encoder." and
         "decoder." (``transformer_dropout_mask_shapes``)."""
         check_float_array("src", src, shape=("B", "S", self.d_model), dtype=self.dtype)
+        _check_nonempty("src", src, "S")
         _check_input("tgt", tgt, src.shape[0], self.d_model, self.dtype, "src")
         if dropout_masks is not None:
             if not isinstance(dropout_masks, Mapping):
