@@ -54,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sdpa_backend(device: str, dtype: torch.dtype) -> tuple[str, Any]:
-    """(label, context) restricting F.sdpa on CUDA to its flash backend (the issue's yardstick),
+    """(label, context) restricting F.sdpa on CUDA to its flash backend (the yardstick),
     or to the memory-efficient one for float32, which flash does not take."""
     if not device.startswith("cuda"):
         return "F.sdpa", nullcontext()

@@ -19,7 +19,7 @@ Tokens per call: B T (recurrent, attention), N rows (layer norm, cross-entropy).
 Targets: torch_impl LSTM/GRU forward+backward >= 1.0x torch.nn float32, and the
 reference's float64 LSTM forward+backward >= 0.5x torch.nn float64.
 
-    python -m benchmarks.bench_layers                  # small: B32 T64 H512 (the issue's shape)
+    python -m benchmarks.bench_layers                  # small: B32 T64 H512 (the headline shape)
     python -m benchmarks.bench_layers --sizes tiny
 """
 

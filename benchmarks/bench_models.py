@@ -76,7 +76,7 @@ class Seq2SeqSizes:
 
 GPT_SIZES = {
     "tiny": GPTSizes(1, 2, 16, 16, 2, 32),
-    "small": GPTSizes(4, 4, 256, 256, 8, 8192),  # the issue's shape; the vocabulary is ours
+    "small": GPTSizes(4, 4, 256, 256, 8, 8192),  # the headline shape; the vocabulary is ours
     "medium": GPTSizes(6, 8, 512, 512, 8, 16384),
 }
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class TransformerSizes:
 
 TRANSFORMER_SIZES = {
     "tiny": TransformerSizes(8, 2, 1, 16, 2, 5, 4),
-    "small": TransformerSizes(256, 4, 4, 1024, 16, 128, 32),   # the issue's shape
+    "small": TransformerSizes(256, 4, 4, 1024, 16, 128, 32),   # the headline shape
     "medium": TransformerSizes(512, 8, 6, 2048, 16, 256, 64),  # nn.Transformer's defaults
 }
 SEQ2SEQ_SIZES = {
@@ -290,7 +290,7 @@ def workloads(settings: Settings) -> list[Workload]:
 def notes(settings: Settings) -> list[str]:
     s = GPT_SIZES[settings.sizes]
     return [f"models: training step = forward + loss + backward, no optimizer update; GPT "
-            f"vocabulary {s.vocab} (the issue fixes L, h, E, T, B, not V); transformers runs "
+            f"vocabulary {s.vocab} (the headline shape fixes L, h, E, T, B, not V); transformers runs "
             "its default (sdpa) attention; the Transformer runs on embedded inputs (no "
             "embedding or loss), pre-LN (norm_first) relu, dropout 0, torch.nn in training mode; "
             "Seq2Seq "

@@ -17,6 +17,8 @@
 #              over the time loop (torch.compile "cudagraphs", whose perf hints, such as why
 #              it skipped a graph, go to the log); 3 timing processes each, each compiling
 #              its own graphs, hence the longer limits
+#   models     benchmarks.bench_models: the GPT, Transformer and Seq2Seq training steps
+#              against transformers' GPT-2 and torch.nn.Transformer, float32
 # Results land in benchmarks/results/<gpu>/ and are packed into $OUT/results.tgz.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
@@ -86,6 +88,8 @@ for s in "$@"; do
         TORCH_LOGS=perf_hints stage recurrent_bf16 240 $PY -m benchmarks.bench_recurrent \
             --device cuda --dtype bfloat16 --batch 64 --length 128 --hidden 1024 \
             --no-reference --compile cudagraphs --out "$RESULTS" ;;
+    models)
+        stage models 300 $PY -m benchmarks.bench_models --device cuda --out "$RESULTS/models" ;;
     *) echo "unknown stage $s" ;;
     esac
 done

@@ -457,7 +457,7 @@ def parse_args(argv: list[str] | None, prog: str, default_suite: str) -> argpars
                    help=f"comma list of {', '.join(SUITES)}, or all (default)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--sizes", choices=SIZES, default="small",
-                   help="tiny: seconds, for tests; small (default): the issue's shapes, "
+                   help="tiny: seconds, for tests; small (default): the headline shapes, "
                         "minutes; medium: larger")
     p.add_argument("--full", action="store_true",
                    help="add the torch.compile rows and double the rounds")
