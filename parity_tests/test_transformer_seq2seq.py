@@ -148,13 +148,14 @@ def assert_gradients_close(actual: dict, expected: dict, budget: float, dtype: t
         assert_gradient_close(actual[name], e, budget, floor, f"d{name}")
 
 
-def torch_inputs(inputs: Inputs, dtype: torch.dtype) -> dict:
-    return {"src": torch.from_numpy(inputs.src), "src_lengths": torch.from_numpy(
-        inputs.src_lengths), "tgt_in": torch.from_numpy(inputs.tgt_in),
-        "targets": torch.from_numpy(inputs.targets),
-        "dlogits": to_torch(inputs.dlogits, dtype),
-        "masks": None if inputs.masks is None
-        else {k: torch.from_numpy(v) for k, v in inputs.masks.items()}}
+def torch_inputs(inputs: Inputs, dtype: torch.dtype, device: str = "cpu") -> dict:
+    return {"src": torch.from_numpy(inputs.src).to(device),
+            "src_lengths": torch.from_numpy(inputs.src_lengths).to(device),
+            "tgt_in": torch.from_numpy(inputs.tgt_in).to(device),
+            "targets": torch.from_numpy(inputs.targets).to(device),
+            "dlogits": to_torch(inputs.dlogits, dtype).to(device),
+            "masks": None if inputs.masks is None
+            else {k: torch.from_numpy(v).to(device) for k, v in inputs.masks.items()}}
 
 
 # --------------------------------------------------------------------------- gradients
@@ -203,29 +204,43 @@ def test_torch_impl_functional_float64_matches_reference(variant: Variant, shape
     assert_gradients_close(t_grads, grads, TORCH64_VS_REF64.gradient, torch.float64)
 
 
-@pytest.mark.parametrize("dtype, budget", [(torch.float64, TORCH64_VS_REF64),
-                                           (torch.float32, TORCH32_VS_REF64)],
-                         ids=["float64", "float32"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-@given(shape=shapes(), dropout=st.sampled_from([0.0, 0.25]))
-@example(shape=SINGLE, dropout=0.0)
-@example(shape=UNEQUAL, dropout=0.25)
-def test_torch_impl_module_matches_reference(dtype, budget, variant: Variant, shape: Shape,
-                                             dropout: float) -> None:
+BUDGETS = {torch.float64: TORCH64_VS_REF64, torch.float32: TORCH32_VS_REF64}
+
+
+def check_training_step(dtype: torch.dtype, variant: Variant, shape: Shape, dropout: float,
+                        device: str = "cpu") -> None:
+    """A torch_impl training step on ``device``: logits, loss and every parameter's gradient
+    within the dtype's budget of the float64 reference, all of them on the device."""
     config = config_of(variant, dropout)
     params = reference_params(config, shape.seed)
     inputs = make_inputs(config, shape)
     logits, loss, grads = run_reference(config, params, inputs)
     model = tim.TransformerSeq2Seq(tim_config(config), dtype=dtype).train()
     model.load_state_dict({k: to_torch(v, dtype) for k, v in params.items()})
-    t = torch_inputs(inputs, dtype)
+    model.to(device)
+    t = torch_inputs(inputs, dtype, device)
     t_logits, t_loss = model(t["src"], t["src_lengths"], t["tgt_in"], t["targets"],
                              dropout_masks=t["masks"])
     (inputs.dloss * t_loss + (t_logits * t["dlogits"]).sum()).backward()
-    assert_close(t_logits, logits, budget.forward, "logits")
-    assert_close(t_loss, loss, budget.forward, "loss")
     t_grads = {k: p.grad for k, p in model.named_parameters()}
-    assert_gradients_close(t_grads, grads, budget.gradient, dtype)
+    off = sorted(k for k, g in t_grads.items() if g.device.type != device)
+    assert t_logits.device.type == t_loss.device.type == device and not off, \
+        f"outputs or gradients off the device {device}: {off[:3]}"
+    budget = BUDGETS[dtype]
+    assert_close(t_logits.cpu(), logits, budget.forward, "logits")
+    assert_close(t_loss.cpu(), loss, budget.forward, "loss")
+    assert_gradients_close({k: g.cpu() for k, g in t_grads.items()}, grads, budget.gradient,
+                           dtype)
+
+
+@pytest.mark.parametrize("dtype", list(BUDGETS), ids=["float64", "float32"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@given(shape=shapes(), dropout=st.sampled_from([0.0, 0.25]))
+@example(shape=SINGLE, dropout=0.0)
+@example(shape=UNEQUAL, dropout=0.25)
+def test_torch_impl_module_matches_reference(dtype, variant: Variant, shape: Shape,
+                                             dropout: float) -> None:
+    check_training_step(dtype, variant, shape, dropout)
 
 
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # torch.nn's, for norm_first
@@ -285,29 +300,39 @@ GENERATE_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", GENERATE_OPTIONS,
-                         ids=["greedy", "beam", "beam-early", "sample", "penalties"])
-@pytest.mark.parametrize("variant", VARIANTS[:2] + [POINTER], ids=VARIANT_IDS[:2] + ["pointer"])
-def test_generate_is_the_same_in_both_backends(variant: Variant, options: dict) -> None:
+def check_generate(dtype: torch.dtype, variant: Variant, options: dict, device: str = "cpu"
+                   ) -> None:
+    """torch_impl's generate() on ``device`` gives the reference's tokens, on the device
+    (peaked weights: no float ties; sampling draws from the same uniforms)."""
     config = config_of(variant)
-    params = reference_params(config, 3)
+    params = {k: 3 * v for k, v in reference_params(config, 3).items()}
     inputs = make_inputs(config, UNEQUAL)
     options = {"max_new_tokens": 6, "decoder_start_token_id": 1, "eos_token_id": 2,
                "pad_token_id": 0, **options}
     rows = inputs.src.shape[0] * options.get("num_return_sequences", 1)
     uniforms = np.random.default_rng(0).random((rows, options["max_new_tokens"]))
     r_model = ref.TransformerSeq2Seq(config, seed=0).eval()
-    r_model.params = {k: v * 3 for k, v in params.items()}   # peaked: no float ties
+    r_model.params = params
     extra = {"uniforms": uniforms} if options.get("do_sample") else {}
     expected = r_model.generate(inputs.src, inputs.src_lengths, **options, **extra)
     assert expected.shape[0] == rows and np.all(expected[:, 0] == 1)
-    for dtype in (torch.float64, torch.float32):
-        t_model = tim.TransformerSeq2Seq(tim_config(config), dtype=dtype).eval()
-        t_model.load_state_dict({k: to_torch(v, dtype) for k, v in r_model.params.items()})
-        t = torch_inputs(inputs, dtype)
-        extra = {"uniforms": torch.from_numpy(uniforms)} if options.get("do_sample") else {}
-        got = t_model.generate(t["src"], t["src_lengths"], **options, **extra)
-        np.testing.assert_array_equal(got.numpy(), expected, err_msg=str(dtype))
+    t_model = tim.TransformerSeq2Seq(tim_config(config), dtype=dtype).eval()
+    t_model.load_state_dict({k: to_torch(v, dtype) for k, v in params.items()})
+    t_model.to(device)
+    t = torch_inputs(inputs, dtype, device)
+    extra = {"uniforms": torch.from_numpy(uniforms).to(device)} if options.get("do_sample") \
+        else {}
+    got = t_model.generate(t["src"], t["src_lengths"], **options, **extra)
+    assert got.device.type == device
+    np.testing.assert_array_equal(got.cpu().numpy(), expected, err_msg=f"{device} {dtype}")
+
+
+@pytest.mark.parametrize("options", GENERATE_OPTIONS,
+                         ids=["greedy", "beam", "beam-early", "sample", "penalties"])
+@pytest.mark.parametrize("dtype", list(BUDGETS), ids=["float64", "float32"])
+@pytest.mark.parametrize("variant", VARIANTS[:2] + [POINTER], ids=VARIANT_IDS[:2] + ["pointer"])
+def test_generate_is_the_same_in_both_backends(variant: Variant, dtype, options: dict) -> None:
+    check_generate(dtype, variant, options)
 
 
 def test_beam_one_equals_greedy_and_rows_equal_their_sources_run_alone() -> None:
